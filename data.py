@@ -1,0 +1,298 @@
+"""Datasets: reading real annotation/feature layouts, generating the embedded defaults, samplers and padding.
+
+Everything here is task-agnostic except the dataset formats (AVSD, ...), which live here so that a task in
+`tasks.py` only says which format it reads. Visual input is always pre-extracted features: one `.npy` per video
+or image, memory-mapped so that a dataset much larger than RAM costs nothing until a batch touches it.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+
+class InputError(Exception):
+    """Bad input from the user (config, flags, data files): train.py prints it as one line and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading files with messages that name what is wrong
+
+
+def read_json(path: Path):
+    if not path.is_file():
+        raise InputError(f"annotation file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON in {path}, line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def require(entry: dict, keys: Sequence[str], where: str) -> None:
+    """Every annotation entry goes through this so a missing field names the entry, not a KeyError deep inside."""
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+class FeatureStore:
+    """Pre-extracted features `ROOT/{stream}/{id}.npy`, one or more streams per id.
+
+    Streams are memory-mapped, truncated to the shortest one (LAVIS's alignment: i3d and vggish run at different
+    rates) and to `max_len` frames, then concatenated along the feature axis. A stream with a single vector per id
+    (shape (D,)) is treated as one frame.
+    """
+
+    def __init__(self, root: Path, streams: dict[str, int], max_len: int):
+        self.root, self.streams, self.max_len = root, streams, max_len
+        for stream in streams:
+            if not (root / stream).is_dir():
+                raise InputError(f"feature directory not found: {root / stream}")
+
+    @property
+    def dim(self) -> int:
+        return sum(self.streams.values())
+
+    def path(self, stream: str, feature_id: str) -> Path:
+        return self.root / stream / f"{feature_id}.npy"
+
+    def open(self, stream: str, feature_id: str) -> np.ndarray:
+        """Memory-map one stream of one id (reads only the header) and check its shape."""
+        path, width = self.path(stream, feature_id), self.streams[stream]
+        if not path.is_file():
+            raise InputError(f"missing feature file for id {feature_id!r}: {path}")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read feature file for id {feature_id!r}: {path} ({e})") from None
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2 or array.shape[1] != width or array.shape[0] == 0:
+            raise InputError(
+                f"feature file for id {feature_id!r} has shape {array.shape}, expected (T, {width}): {path}"
+            )
+        return array
+
+    def check(self, feature_id: str) -> None:
+        """Run at dataset build time, so a missing or mis-shaped file fails before training, not at step 3000."""
+        for stream in self.streams:
+            self.open(stream, feature_id)
+
+    def load(self, feature_id: str) -> np.ndarray:
+        arrays = [self.open(stream, feature_id) for stream in self.streams]
+        length = min(min(a.shape[0] for a in arrays), self.max_len)
+        return np.concatenate([np.asarray(a[:length], dtype=np.float32) for a in arrays], axis=1)
+
+
+class FeatureDataset(Dataset):
+    """Annotation samples (dicts) joined with their features under `"features"`.
+
+    `shuffle_features` is the ablation that proves a model uses its visual input: each sample gets the features of
+    another sample's video (a fixed permutation over distinct feature ids), so text-only shortcuts keep working and
+    everything grounded in the video breaks.
+    """
+
+    def __init__(self, samples: list[dict], features: FeatureStore, key: str, shuffle_features: bool = False):
+        if not samples:
+            raise InputError("empty split: no samples")
+        self.samples, self.features, self.key = samples, features, key
+        ids = sorted({s[key] for s in samples})
+        for feature_id in ids:
+            features.check(feature_id)
+        self.remap = {i: i for i in ids}
+        if shuffle_features:
+            # A derangement-ish permutation: rotate a fixed shuffle by one so no id keeps its own features.
+            order = [ids[i] for i in np.random.default_rng(0).permutation(len(ids))]
+            self.remap = dict(zip(order, order[1:] + order[:1], strict=True))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        return {**sample, "features": self.features.load(self.remap[sample[self.key]])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AVSD (DSTC7): ROOT/annotations/{split}.json + ROOT/features/{i3d_flow,i3d_rgb,vggish}/{image_id}.npy
+
+AVSD_STREAMS = {"i3d_flow": 2048, "i3d_rgb": 2048, "vggish": 128}
+
+
+def load_avsd(path: Path, train: bool, max_turns: int) -> list[dict]:
+    """Train: one sample per turn with up to `max_turns` earlier turns as history. Eval: one sample per dialog whose
+    last turn is the target. Each sample keeps `id` (unique, for de-duplicating results) and `image_id`."""
+    data = read_json(path)
+    if not isinstance(data, dict) or "dialogs" not in data:
+        raise InputError(f'{path}: expected an object with a "dialogs" list')
+    samples = []
+    for n, dialog in enumerate(data["dialogs"]):
+        where = f"{path}: dialog {n}"
+        require(dialog, ["image_id", "dialog"], where)
+        where = f"{path}: dialog {n} (image_id {dialog['image_id']!r})"
+        turns = dialog["dialog"]
+        if not isinstance(turns, list) or not turns:
+            raise InputError(f"{where}: empty or invalid 'dialog' list")
+        for t, turn in enumerate(turns):
+            require(turn, ["question", "answer"], f"{where}, turn {t}")
+        context = {
+            "image_id": str(dialog["image_id"]),
+            "caption": dialog.get("caption", ""),
+            "summary": dialog.get("summary", ""),
+        }
+        targets = range(len(turns)) if train else [len(turns) - 1]
+        for t in targets:
+            history = [(h["question"], h["answer"]) for h in turns[max(0, t - max_turns) : t]]
+            samples.append(
+                {
+                    **context,
+                    "id": f"{context['image_id']}#{t}" if train else context["image_id"],
+                    "history": history,
+                    "question": turns[t]["question"],
+                    "answer": turns[t]["answer"],
+                }
+            )
+    if not samples:
+        raise InputError(f"empty split: no dialogs in {path}")
+    return samples
+
+
+# The embedded default: a generated AVSD in the real layout and feature sizes. Each video has hidden attributes;
+# every attribute value is a fixed random direction in one feature stream, so the answers to the questions below
+# can only be read off the features (the caption names the place, nothing else).
+_ATTRIBUTES = {
+    "color": ("i3d_rgb", ["red", "blue", "green", "yellow", "black", "white"]),
+    "thing": ("i3d_rgb", ["cup", "book", "phone", "towel", "broom", "laptop"]),
+    "action": ("i3d_flow", ["sweeping", "reading", "cooking", "dancing", "sitting", "walking"]),
+    "count": ("i3d_flow", ["one", "two", "three"]),
+    "sound": ("vggish", ["music", "talking", "a dog barking", "silence"]),
+}
+_PLACES = ["kitchen", "bedroom", "living room", "garage", "hallway", "office"]
+_QUESTIONS = {
+    "color": [("what color is the {thing}?", "it is {color}."), ("is the {thing} colorful?", "it's {color}.")],
+    "thing": [("what is the person holding?", "a {color} {thing}."), ("what object is used?", "a {thing}.")],
+    "action": [("what is the person doing?", "the person is {action}."), ("what happens next?", "they keep {action}.")],
+    "count": [("how many people are there?", "there are {count}."), ("is anyone else there?", "i see {count}.")],
+    "sound": [("what can you hear?", "i can hear {sound}."), ("is there any sound?", "yes, {sound}.")],
+}
+_SMALL_TALK = [
+    ("is it daytime?", "i can't tell."),
+    ("does the video end abruptly?", "no, it doesn't."),
+    ("is the camera moving?", "no, it's still."),
+]
+EMBEDDED_SPLITS = {"train": 240, "val": 40, "test": 40}
+EMBEDDED_VERSION = "avsd-embedded-v1"
+
+
+def make_embedded_avsd(root: Path, seed: int = 0) -> None:
+    """Write the embedded AVSD into `root` (all splits, annotations and features)."""
+    rng = np.random.default_rng(seed)
+    directions = {
+        (attr, value): rng.standard_normal(AVSD_STREAMS[stream]).astype(np.float32)
+        for attr, (stream, values) in _ATTRIBUTES.items()
+        for value in values
+    }
+    for stream in AVSD_STREAMS:
+        (root / "features" / stream).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, n_dialogs in EMBEDDED_SPLITS.items():
+        dialogs = []
+        for i in range(n_dialogs):
+            video_id = f"{split}{i:04d}"
+            attrs = {attr: values[rng.integers(len(values))] for attr, (_, values) in _ATTRIBUTES.items()}
+            place = _PLACES[rng.integers(len(_PLACES))]
+            # i3d runs at a lower rate than vggish: different lengths, aligned by truncation when read.
+            lengths = {"i3d_flow": int(rng.integers(6, 12)), "vggish": int(rng.integers(8, 14))}
+            lengths["i3d_rgb"] = lengths["i3d_flow"]
+            for stream, width in AVSD_STREAMS.items():
+                frames = 0.5 * rng.standard_normal((lengths[stream], width)).astype(np.float32)
+                for attr, (attr_stream, _) in _ATTRIBUTES.items():
+                    if attr_stream == stream:
+                        frames += directions[attr, attrs[attr]]
+                np.save(root / "features" / stream / f"{video_id}.npy", frames)
+            grounded = [(q.format(**attrs), a.format(**attrs)) for qs in _QUESTIONS.values() for q, a in qs]
+            grounded = [grounded[k] for k in rng.permutation(len(grounded))[:7]]
+            last = grounded.pop()  # the target of an eval sample always asks about the video
+            rest = grounded + _SMALL_TALK
+            turns = [rest[k] for k in rng.permutation(len(rest))] + [last]
+            dialogs.append(
+                {
+                    "image_id": video_id,
+                    "caption": f"a person in the {place}.",
+                    "summary": f"someone spends a while in a {place}, and there's not much else going on.",
+                    "dialog": [{"question": q, "answer": a} for q, a in turns],
+                }
+            )
+        (root / "annotations" / f"{split}.json").write_text(json.dumps({"dialogs": dialogs}, indent=1))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vltasks"
+
+
+def embedded_root(cache_dir: Path | None, name: str, make) -> Path:
+    """Generate an embedded dataset once into `cache_dir/name` and reuse it. Safe to race: every process builds in
+    its own temp dir and renames it into place; the loser of the race throws its copy away."""
+    cache_dir = cache_dir or default_cache_dir()
+    root = cache_dir / name
+    if (root / "COMPLETE").is_file():
+        return root
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{name}-"))
+    make(tmp)
+    (tmp / "COMPLETE").write_text("ok\n")
+    try:
+        tmp.rename(root)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and padding
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: `skip` indices of this rank are dropped from the front,
+    so a resumed run sees exactly the batches the interrupted one had not seen yet (without loading the others)."""
+
+    skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Pad lists of ints into a (B, max_len) long tensor, on the right (training) or on the left (generation)."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            if left:
+                out[i, width - len(s) :] = torch.as_tensor(s)
+            else:
+                out[i, : len(s)] = torch.as_tensor(s)
+    return out
+
+
+def stack_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad variable-length (T, D) features into (B, T_max, D) plus a (B, T_max) bool mask of real frames."""
+    width = max(a.shape[0] for a in arrays)
+    out = torch.zeros(len(arrays), width, arrays[0].shape[1])
+    mask = torch.zeros(len(arrays), width, dtype=torch.bool)
+    for i, a in enumerate(arrays):
+        out[i, : a.shape[0]] = torch.from_numpy(a)
+        mask[i, : a.shape[0]] = True
+    return out, mask

@@ -1,0 +1,173 @@
+"""Models and tokenizers, all from transformers (imported lazily: `train.py --help` must not pay for them).
+
+`ModelConfig.name` unset builds a small model from a config and a BPE tokenizer trained on the training text, so
+the default runs with no download; set, it is a hub name or a local directory for `from_pretrained`.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str | None = None
+    """Pretrained model: a hub name (`gpt2`) or a local directory. Unset: a small model built from the fields below
+    and a tokenizer trained on the training split, so nothing is downloaded."""
+    n_layer: int = 2
+    """Layers of the small model (ignored with --model.name)."""
+    n_head: int = 4
+    """Attention heads of the small model (ignored with --model.name)."""
+    n_embd: int = 128
+    """Width of the small model (ignored with --model.name)."""
+    n_positions: int = 512
+    """Longest sequence (video frames + text tokens) of the small model (ignored with --model.name)."""
+    vocab_size: int = 1000
+    """BPE vocabulary trained for the small model (ignored with --model.name)."""
+    dropout: float = 0.1
+    """Dropout of the small model (ignored with --model.name)."""
+    video_loss_weight: float = 0.0
+    """Weight of LAVIS's auxiliary loss that regresses the next video frame from the hidden states; 0 turns it off."""
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--model.n-embd ({self.n_embd}) must be divisible by --model.n-head ({self.n_head})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str]):
+    """A byte-level BPE trained on the given text: deterministic for the same text, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def load_tokenizer(name: str | Path, special_tokens: dict):
+    """A pretrained tokenizer with the task's special tokens added (no-op if they are already there)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name))
+    tok.add_special_tokens(special_tokens)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPT-2 with features prepended (video-grounded dialogue, captioning, generative VQA)
+
+
+class FeatureGPT2(nn.Module):
+    """GPT-2 LM whose input sequence mixes projected visual features and text tokens (LAVIS's `gpt_dialogue`).
+
+    A batch is a packed sequence: `is_visual` marks the positions that take a feature frame (`visual_index` says
+    which frame of `features`), all other positions take the embedding of `input_ids`. `token_type_ids` are embedded
+    with the word embeddings and added by GPT-2 itself, so generation keeps extending them. Loss is summed over the
+    labelled tokens and returned with their count, so the caller can normalise over the whole global batch.
+    """
+
+    def __init__(self, lm, feature_dim: int, video_loss_weight: float = 0.0):
+        super().__init__()
+        self.lm = lm
+        width = lm.config.n_embd
+        self.feature_proj = nn.Linear(feature_dim, width)
+        self.video_loss_weight = video_loss_weight
+        # Only built when used, so DDP never sees a parameter without a gradient.
+        self.video_head = nn.Linear(width, feature_dim) if video_loss_weight > 0 else None
+
+    def embed(self, batch: dict) -> torch.Tensor:
+        text = self.lm.get_input_embeddings()(batch["input_ids"])
+        visual = self.feature_proj(batch["features"].to(text.dtype))
+        index = batch["visual_index"].unsqueeze(-1).expand(-1, -1, visual.shape[-1])
+        visual = visual.gather(1, index)
+        return torch.where(batch["is_visual"].unsqueeze(-1), visual, text)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["attention_mask"]
+        out = self.lm(
+            inputs_embeds=self.embed(batch),
+            attention_mask=mask,
+            token_type_ids=batch["token_type_ids"],
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            output_hidden_states=self.video_head is not None,
+        )
+        logits = out.logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        count = (labels != -100).sum()
+        if self.video_head is not None:
+            loss = loss + self.video_loss_weight * self.next_frame_loss(out.hidden_states[-1], batch) * count
+        return loss, count
+
+    def next_frame_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """MSE between the prediction at visual position t and the input frame t+1 (both visual positions)."""
+        frames = batch["features"].gather(
+            1, batch["visual_index"].unsqueeze(-1).expand(-1, -1, batch["features"].shape[-1])
+        )
+        pairs = batch["is_visual"][:, :-1] & batch["is_visual"][:, 1:]
+        pred = self.video_head(hidden[:, :-1][pairs])
+        return nn.functional.mse_loss(pred.float(), frames[:, 1:][pairs].float())
+
+    @torch.no_grad()
+    def generate(self, batch: dict, num_beams: int, max_len: int, min_len: int, eos_id: int, pad_id: int):
+        """Beam search from a left-padded prompt; returns the new token ids of each sample (eos and pad stripped)."""
+        out = self.lm.generate(
+            inputs_embeds=self.embed(batch),
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            num_beams=num_beams,
+            max_new_tokens=max_len,
+            min_new_tokens=min_len,
+            do_sample=False,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )
+        results = []
+        for row in out.tolist():
+            if eos_id in row:
+                row = row[: row.index(eos_id)]
+            results.append([t for t in row if t != pad_id])
+        return results
+
+
+def build_gpt2(cfg: ModelConfig, tokenizer):
+    """GPT-2 LM: pretrained from `cfg.name` (embeddings resized for added tokens) or small from a config."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    ids["pad_token_id"] = tokenizer.pad_token_id
+    if cfg.name is not None:
+        lm = GPT2LMHeadModel.from_pretrained(cfg.name)
+        lm.resize_token_embeddings(len(tokenizer))
+        lm.config.update(ids)
+        lm.generation_config.update(**ids)
+        return lm
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        **ids,
+    )
+    lm = GPT2LMHeadModel(config)
+    lm.generation_config.update(**ids)
+    return lm
