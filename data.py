@@ -176,20 +176,28 @@ _ATTRIBUTES = {
     "sound": ("vggish", ["music", "talking", "a dog barking", "silence"]),
 }
 _PLACES = ["kitchen", "bedroom", "living room", "garage", "hallway", "office"]
+# Two phrasings of a question per attribute. A dialog asks about each attribute once, so no turn's answer is given
+# away by another turn of the same dialog (in training history or at evaluation): it can only come from the video.
 _QUESTIONS = {
-    "color": [("what color is the {thing}?", "it is {color}."), ("is the {thing} colorful?", "it's {color}.")],
-    "thing": [("what is the person holding?", "a {color} {thing}."), ("what object is used?", "a {thing}.")],
-    "action": [("what is the person doing?", "the person is {action}."), ("what happens next?", "they keep {action}.")],
-    "count": [("how many people are there?", "there are {count}."), ("is anyone else there?", "i see {count}.")],
+    "color": [("what color is it?", "it is {color}."), ("what color is the object?", "the object is {color}.")],
+    "thing": [("what is the person holding?", "a {thing}."), ("what object can you see?", "i see a {thing}.")],
+    "action": [("what are they doing?", "they are {action}."), ("what happens in the video?", "someone is {action}.")],
+    "count": [("how many people are there?", "{count} people."), ("is the person alone?", "there are {count}.")],
     "sound": [("what can you hear?", "i can hear {sound}."), ("is there any sound?", "yes, {sound}.")],
 }
 _SMALL_TALK = [
     ("is it daytime?", "i can't tell."),
     ("does the video end abruptly?", "no, it doesn't."),
     ("is the camera moving?", "no, it's still."),
+    ("is it a long video?", "about thirty seconds."),
+    ("is anyone talking to the camera?", "no, nobody does."),
+    ("is the room tidy?", "it's tidy enough."),
+    ("is it in color?", "yes, it's in color."),
+    ("does anything else happen?", "not really."),
+    ("is the video blurry?", "a little at the start."),
 ]
-EMBEDDED_SPLITS = {"train": 240, "val": 40, "test": 40}
-EMBEDDED_VERSION = "avsd-embedded-v1"
+EMBEDDED_SPLITS = {"train": 480, "val": 40, "test": 40}
+EMBEDDED_VERSION = "avsd-embedded-v5"
 
 
 def make_embedded_avsd(root: Path, seed: int = 0) -> None:
@@ -218,16 +226,17 @@ def make_embedded_avsd(root: Path, seed: int = 0) -> None:
                     if attr_stream == stream:
                         frames += directions[attr, attrs[attr]]
                 np.save(root / "features" / stream / f"{video_id}.npy", frames)
-            grounded = [(q.format(**attrs), a.format(**attrs)) for qs in _QUESTIONS.values() for q, a in qs]
-            grounded = [grounded[k] for k in rng.permutation(len(grounded))[:7]]
-            last = grounded.pop()  # the target of an eval sample always asks about the video
-            rest = grounded + _SMALL_TALK
-            turns = [rest[k] for k in rng.permutation(len(rest))] + [last]
+            grounded = [phrasings[rng.integers(2)] for phrasings in _QUESTIONS.values()]
+            grounded = [(q, a.format(**attrs)) for q, a in grounded]
+            small_talk = [_SMALL_TALK[k] for k in rng.permutation(len(_SMALL_TALK))[:5]]
+            target = grounded.pop(rng.integers(len(grounded)))  # the eval target always asks about the video
+            turns = grounded + small_talk
+            turns = [turns[k] for k in rng.permutation(len(turns))] + [target]
             dialogs.append(
                 {
                     "image_id": video_id,
                     "caption": f"a person in the {place}.",
-                    "summary": f"someone spends a while in a {place}, and there's not much else going on.",
+                    "summary": f"it's a quiet {place}.",
                     "dialog": [{"question": q, "answer": a} for q, a in turns],
                 }
             )

@@ -85,7 +85,9 @@ class FeatureGPT2(nn.Module):
         super().__init__()
         self.lm = lm
         width = lm.config.n_embd
-        self.feature_proj = nn.Linear(feature_dim, width)
+        # Normalised so that features of any scale enter at the scale of GPT-2's hidden states (raw I3D/VGGish
+        # values are orders of magnitude larger than word embeddings and would swamp the residual stream).
+        self.feature_proj = nn.Sequential(nn.Linear(feature_dim, width), nn.LayerNorm(width))
         self.video_loss_weight = video_loss_weight
         # Only built when used, so DDP never sees a parameter without a gradient.
         self.video_head = nn.Linear(width, feature_dim) if video_loss_weight > 0 else None

@@ -6,6 +6,7 @@ their docstrings the `--help`), a task class, and one entry in `TASKS`. `train.p
 
 import dataclasses
 import difflib
+import functools
 import shutil
 import sys
 import types
@@ -202,25 +203,33 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     from pycocoevalcap.rouge.rouge import Rouge
 
     ids = sorted(predictions)
+    bleu = functools.partial(Bleu(4).compute_score, verbose=0)
     if shutil.which("java"):
-        from pycocoevalcap.meteor.meteor import Meteor
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         tokenizer = PTBTokenizer()
         res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in ids})
         gts = tokenizer.tokenize({i: [{"caption": r} for r in references[i]] for i in ids})
-        scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"])]
+        scorers = [(bleu, ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (meteor_scorer().compute_score, ["METEOR"])]
     else:
         print("warning: java not found: Python tokenizer instead of PTB, METEOR skipped", file=sys.stderr)
         res = {i: [simple_tokenize(predictions[i])] for i in ids}
         gts = {i: [simple_tokenize(r) for r in references[i]] for i in ids}
-        scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
-    scorers += [(Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]
+        scorers = [(bleu, ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
+    scorers += [(Rouge().compute_score, ["ROUGE_L"]), (Cider().compute_score, ["CIDEr"])]
     metrics = {}
-    for scorer, names in scorers:
-        score, _ = scorer.compute_score(gts, res)
+    for compute_score, names in scorers:
+        score, _ = compute_score(gts, res)
         metrics.update(zip(names, score if isinstance(score, list) else [score], strict=True))
     return {k: float(v) for k, v in metrics.items()}
+
+
+@functools.cache
+def meteor_scorer():
+    """One METEOR Java process for the whole run: starting it loads its paraphrase tables (seconds, every eval)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
 
 
 def simple_tokenize(text: str) -> str:

@@ -1,0 +1,142 @@
+"""The AVSD loader on real-format files, feature loading, the embedded generator and their error messages."""
+
+import json
+
+import numpy as np
+import pytest
+
+import data
+from data import InputError
+
+
+def write_avsd(root, dialogs, widths=None, lengths=(7, 7, 9)):
+    """Real AVSD layout: annotations/{split}.json + features/{stream}/{image_id}.npy."""
+    widths = widths or data.AVSD_STREAMS
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test"):
+        (root / "annotations" / f"{split}.json").write_text(json.dumps({"dialogs": dialogs}))
+    for (stream, width), length in zip(widths.items(), lengths, strict=True):
+        (root / "features" / stream).mkdir(parents=True, exist_ok=True)
+        for d in dialogs:
+            np.save(root / "features" / stream / f"{d['image_id']}.npy", np.ones((length, width), np.float32))
+    return root
+
+
+def ten_turn_dialog(image_id="vid_01"):
+    turns = [
+        {"question": f"what's happening in part {i}?", "answer": f"the man's \"busy\", it's turn {i}!"}
+        for i in range(10)
+    ]
+    return {
+        "image_id": image_id,
+        "caption": "A man, in a kitchen.",
+        "summary": "He doesn't stop cooking.",
+        "dialog": turns,
+    }
+
+
+def test_train_split_has_one_sample_per_turn_with_bounded_history(tmp_path):
+    write_avsd(tmp_path, [ten_turn_dialog("a"), ten_turn_dialog("b")])
+    samples = data.load_avsd(tmp_path / "annotations" / "train.json", train=True, max_turns=3)
+    assert len(samples) == 20
+    assert [len(s["history"]) for s in samples[:5]] == [0, 1, 2, 3, 3]
+    fifth = samples[4]
+    assert fifth["id"] == "a#4" and fifth["question"] == "what's happening in part 4?"
+    assert fifth["history"][0] == ("what's happening in part 1?", "the man's \"busy\", it's turn 1!")
+    assert fifth["caption"] == "A man, in a kitchen." and fifth["summary"] == "He doesn't stop cooking."
+    assert len({s["id"] for s in samples}) == 20
+
+
+def test_eval_split_has_one_sample_per_dialog_targeting_the_last_turn(tmp_path):
+    write_avsd(tmp_path, [ten_turn_dialog("a"), ten_turn_dialog("b")])
+    samples = data.load_avsd(tmp_path / "annotations" / "val.json", train=False, max_turns=3)
+    assert [s["id"] for s in samples] == ["a", "b"]
+    assert samples[0]["answer"] == "the man's \"busy\", it's turn 9!"
+    assert [q for q, _ in samples[0]["history"]] == [f"what's happening in part {i}?" for i in (6, 7, 8)]
+
+
+def test_features_are_aligned_to_the_shortest_stream_truncated_and_concatenated(tmp_path):
+    write_avsd(tmp_path, [ten_turn_dialog("a")], lengths=(7, 7, 9))
+    store = data.FeatureStore(tmp_path / "features", data.AVSD_STREAMS, max_len=100)
+    assert store.load("a").shape == (7, 4224) and store.load("a").dtype == np.float32
+    short = data.FeatureStore(tmp_path / "features", data.AVSD_STREAMS, max_len=5)
+    assert short.load("a").shape == (5, 4224)
+    only_audio = data.FeatureStore(tmp_path / "features", {"vggish": 128}, max_len=100)
+    assert only_audio.load("a").shape == (9, 128)
+
+
+def test_shuffled_features_come_from_another_video(tmp_path):
+    dialogs = [ten_turn_dialog(f"v{i}") for i in range(5)]
+    write_avsd(tmp_path, dialogs)
+    for i in range(5):  # make each video's features recognisable
+        np.save(tmp_path / "features" / "vggish" / f"v{i}.npy", np.full((9, 128), i, np.float32))
+    samples = data.load_avsd(tmp_path / "annotations" / "val.json", train=False, max_turns=3)
+    store = data.FeatureStore(tmp_path / "features", {"vggish": 128}, max_len=100)
+    plain = data.FeatureDataset(samples, store, "image_id")
+    shuffled = data.FeatureDataset(samples, store, "image_id", shuffle_features=True)
+    assert [plain[i]["features"][0, 0] for i in range(5)] == [0, 1, 2, 3, 4]
+    moved = [shuffled[i]["features"][0, 0] for i in range(5)]
+    assert sorted(moved) == [0, 1, 2, 3, 4] and all(moved[i] != i for i in range(5))
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("no_file", "annotation file not found"),
+        ("bad_json", "malformed JSON in .*val.json, line 1"),
+        ("missing_field", r"dialog 0 \(image_id 'a'\), turn 2: missing field\(s\) answer"),
+        ("missing_feature", r"missing feature file for id 'a': .*i3d_rgb/a.npy"),
+        ("wrong_width", r"feature file for id 'a' has shape \(7, 100\), expected \(T, 2048\)"),
+        ("empty", "empty split"),
+    ],
+)
+def test_bad_data_names_the_file_or_video(tmp_path, breakage, message):
+    write_avsd(tmp_path, [ten_turn_dialog("a")])
+    path = tmp_path / "annotations" / "val.json"
+    if breakage == "no_file":
+        path.unlink()
+    elif breakage == "bad_json":
+        path.write_text('{"dialogs": [}')
+    elif breakage == "missing_field":
+        bad = ten_turn_dialog("a")
+        del bad["dialog"][2]["answer"]
+        path.write_text(json.dumps({"dialogs": [bad]}))
+    elif breakage == "missing_feature":
+        (tmp_path / "features" / "i3d_rgb" / "a.npy").unlink()
+    elif breakage == "wrong_width":
+        np.save(tmp_path / "features" / "i3d_rgb" / "a.npy", np.ones((7, 100), np.float32))
+    elif breakage == "empty":
+        path.write_text(json.dumps({"dialogs": []}))
+    with pytest.raises(InputError, match=message):
+        samples = data.load_avsd(path, train=False, max_turns=3)
+        store = data.FeatureStore(tmp_path / "features", data.AVSD_STREAMS, max_len=100)
+        data.FeatureDataset(samples, store, "image_id")
+
+
+def test_embedded_avsd_is_deterministic_real_format_and_cached(tmp_path):
+    data.make_embedded_avsd(tmp_path / "a")
+    data.make_embedded_avsd(tmp_path / "b")
+    for rel in ["annotations/train.json", "features/vggish/val0003.npy", "features/i3d_rgb/train0007.npy"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    train = data.load_avsd(tmp_path / "a" / "annotations" / "train.json", train=True, max_turns=3)
+    assert len(train) == data.EMBEDDED_SPLITS["train"] * 10
+    store = data.FeatureStore(tmp_path / "a" / "features", data.AVSD_STREAMS, max_len=200)
+    assert store.load("train0000").shape[1] == 4224
+
+    calls = []
+    root = data.embedded_root(tmp_path / "cache", "x", lambda p: calls.append(p) or (p / "f").write_text("1"))
+    again = data.embedded_root(tmp_path / "cache", "x", lambda p: calls.append(p))
+    assert root == again and len(calls) == 1 and (root / "f").read_text() == "1"
+
+
+def test_resumable_sampler_skips_exactly_the_seen_indices():
+    sampler = data.ResumableSampler(range(20), num_replicas=2, rank=1, shuffle=True, seed=3)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.skip = 4
+    assert list(sampler) == full[4:] and len(sampler) == len(full) - 4
+
+
+def test_pad_left_and_right():
+    assert data.pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
+    assert data.pad([[1, 2], [3]], 0, left=True).tolist() == [[1, 2], [0, 3]]

@@ -1,0 +1,78 @@
+"""The command line: task listing, per-task help with docstrings, presets, and the unknown-task suggestion."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+import tasks
+import train
+from data import InputError
+
+
+def help_text(*args):
+    out = subprocess.run(
+        [sys.executable, "train.py", *args, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": ""},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_help_lists_every_task():
+    text = help_text()
+    for name in tasks.TASKS:
+        assert name in text
+
+
+def test_task_help_shows_every_contract_flag_with_its_docstring():
+    text = help_text("dialogue")
+    for flag in [
+        "--num-beams",
+        "--max-len",
+        "--min-len",
+        "--evaluate",
+        "--output-dir",
+        "--max-steps",
+        "--max-epochs",
+        "--seed",
+        "--resume",
+        "--config",
+        "--data.root",
+        "--model.name",
+        "--wandb.mode",
+        "--max-turns",
+        "--use-caption",
+        "--features",
+    ]:
+        assert flag in text, flag
+    assert "Beam width at evaluation" in text and "Earlier question/answer pairs kept as history" in text
+
+
+def test_flags_override_defaults_and_presets():
+    name, cfg = train.parse_config(["dialogue", "--num-beams", "3", "--data.num-workers", "0"])
+    assert name == "dialogue" and cfg.num_beams == 3 and cfg.data.num_workers == 0 and cfg.max_len == 20
+    preset = ROOT / "configs" / "dialogue_avsd_ft.yaml"
+    _, cfg = train.parse_config(["dialogue", "--config", str(preset), "--num-beams", "3"])
+    assert cfg.num_beams == 3  # the flag wins over the preset's 5
+    assert cfg.lr == 1e-5 and cfg.min_len == 5 and cfg.model.name == "gpt2" and cfg.max_epochs == 20
+
+
+def test_unknown_task_suggests_the_closest():
+    with pytest.raises(InputError, match="unknown task 'dialog'; did you mean 'dialogue'"):
+        train.parse_config(["dialog"])
+
+
+def test_preset_with_unknown_key_or_wrong_type_names_it(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: dialogue\nnum_beam: 3\n")
+    with pytest.raises(InputError, match="unknown key 'num_beam'; did you mean 'num_beams'"):
+        train.parse_config(["dialogue", "--config", str(bad)])
+    bad.write_text("task: dialogue\ndata:\n  num_workers: two\n")
+    with pytest.raises(InputError, match="data: num_workers: expected int, got 'two'"):
+        train.parse_config(["dialogue", "--config", str(bad)])

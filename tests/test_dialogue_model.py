@@ -1,0 +1,125 @@
+"""Dialogue collate (masks, token types, labels), model forward, beam generation, pretrained loading, metrics."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from test_avsd_data import ten_turn_dialog, write_avsd
+
+import tasks
+from models import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = write_avsd(tmp_path_factory.mktemp("avsd"), [ten_turn_dialog("a"), ten_turn_dialog("b")])
+    cfg = dataclasses.replace(
+        tasks.TASKS["dialogue"][1],
+        data=tasks.DataConfig(root=root),
+        model=ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=300, dropout=0.0),
+    )
+    task = tasks.DialogueTask(cfg)
+    datasets = task.build_datasets()
+    model = task.build_model(datasets["train"], tmp_path_factory.mktemp("run") / "tokenizer")
+    return task, datasets, model
+
+
+def test_train_batch_labels_only_the_answer_and_its_eos(built):
+    task, datasets, _ = built
+    samples = [datasets["train"][i] for i in (0, 5)]  # no history vs 3 turns of history: different lengths
+    batch = task.collate(samples, train=True)
+    tok = task.token
+    n_frames = 7
+    assert batch["features"].shape == (2, n_frames, 4224)
+    assert batch["is_visual"][:, :n_frames].all() and not batch["is_visual"][:, n_frames:].any()
+    assert (batch["token_type_ids"][:, :n_frames] == tok["<video>"]).all()
+    for row, sample in enumerate(samples):
+        mask = batch["attention_mask"][row].bool()
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()  # right padding
+        labels = batch["labels"][row]
+        answer = labels[labels != -100].tolist()
+        assert answer[-1] == tok["<eos>"]
+        assert task.tokenizer.decode(answer[:-1]) == sample["answer"]
+        # the labelled tokens are exactly the input tokens at those positions, typed <speaker2>
+        labelled = labels != -100
+        assert batch["input_ids"][row][labelled].tolist() == answer
+        assert (batch["token_type_ids"][row][labelled] == tok["<speaker2>"]).all()
+        types = batch["token_type_ids"][row][n_frames:length].tolist()
+        assert types[0] == tok["<cap>"]
+        assert set(types) <= {tok["<cap>"], tok["<speaker1>"], tok["<speaker2>"]}
+    assert batch["ids"] == [samples[0]["id"], samples[1]["id"]]
+
+
+def test_eval_batch_is_a_left_padded_prompt_ending_in_speaker2(built):
+    task, datasets, _ = built
+    long_history = datasets["val"][0]
+    short = dict(long_history, history=[], id="short")
+    batch = task.collate([long_history, short], train=False)
+    assert "labels" not in batch and batch["references"] == [[long_history["answer"]]] * 2
+    assert (batch["input_ids"][:, -1] == task.token["<speaker2>"]).all()
+    mask = batch["attention_mask"]
+    assert mask[0].all() and not mask[1, 0] and mask[1, -1]  # the shorter prompt is padded on the left
+    assert (batch["is_visual"].sum(1) == 7).all()
+
+
+def test_forward_loss_is_summed_over_answer_tokens(built):
+    task, datasets, model = built
+    batch = task.collate([datasets["train"][i] for i in (0, 1, 9)], train=True)
+    loss_sum, count = task.train_step(model, batch)
+    assert count == (batch["labels"] != -100).sum()
+    assert torch.isfinite(loss_sum) and loss_sum > 0
+    loss_sum.backward()
+    assert model.feature_proj[0].weight.grad.abs().sum() > 0  # the video features reach the loss
+
+
+def test_beam_generation_respects_min_and_max_len(built):
+    task, datasets, model = built
+    model.eval()
+    batch = task.collate([datasets["val"][0], datasets["val"][1]], train=False)
+    out = model.generate(
+        batch, num_beams=3, max_len=6, min_len=4, eos_id=task.token["<eos>"], pad_id=task.token["<pad>"]
+    )
+    assert len(out) == 2 and all(4 <= len(ids) <= 6 for ids in out)
+    results = task.valid_step(model, batch)
+    assert [r["id"] for r in results] == ["a", "b"] and all(isinstance(r["prediction"], str) for r in results)
+
+
+def test_pretrained_model_and_tokenizer_load_from_a_local_directory(built, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    task, datasets, _ = built
+    # A "pretrained" checkpoint: a tokenizer without our special tokens and a tiny GPT-2, saved like a hub model.
+    tokenizer = task.tokenizer.__class__(tokenizer_object=task.tokenizer.backend_tokenizer)
+    tokenizer.save_pretrained(tmp_path / "pretrained")
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=256))
+    lm.save_pretrained(tmp_path / "pretrained")
+    cfg = dataclasses.replace(task.cfg, model=ModelConfig(name=str(tmp_path / "pretrained")))
+    pretrained_task = tasks.DialogueTask(cfg)
+    model = pretrained_task.build_model(datasets["train"], tmp_path / "run" / "tokenizer")
+    assert torch.equal(model.lm.transformer.h[0].attn.c_attn.weight, lm.transformer.h[0].attn.c_attn.weight)
+    assert model.lm.get_input_embeddings().weight.shape[0] == len(pretrained_task.tokenizer)
+    assert model.lm.config.n_positions == 256
+    loss_sum, count = model(pretrained_task.collate([datasets["train"][3]], train=True))
+    assert torch.isfinite(loss_sum) and count > 0
+
+
+def test_caption_metrics_on_hand_checkable_inputs():
+    refs = {"1": ["a man is cooking pasta today"], "2": ["the dog runs across green grass"]}
+    perfect = tasks.caption_metrics({"1": "a man is cooking pasta today", "2": "the dog runs across green grass"}, refs)
+    assert perfect["Bleu_1"] == pytest.approx(1.0) and perfect["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["ROUGE_L"] == pytest.approx(1.0) and perfect["METEOR"] > 0.9
+    assert perfect["CIDEr"] == pytest.approx(10.0, rel=1e-3)  # CIDEr-D of an exact match is 10
+    wrong = tasks.caption_metrics({"1": "xylophone", "2": "zebra"}, refs)
+    assert wrong["Bleu_1"] < 1e-6 and wrong["ROUGE_L"] == 0 and wrong["CIDEr"] == 0
+    # unigram precision 3/3 with brevity penalty exp(1 - 6/3)
+    half = tasks.caption_metrics({"1": "a man is", "2": "the dog runs"}, refs)
+    assert half["Bleu_1"] == pytest.approx(math.exp(1 - 12 / 6), rel=1e-3)
+
+
+def test_caption_metrics_without_java_fall_back_and_say_so(monkeypatch, capsys):
+    monkeypatch.setattr(tasks.shutil, "which", lambda name: None)
+    metrics = tasks.caption_metrics({"1": "A man, cooking!"}, {"1": ["a man cooking"]})
+    assert "METEOR" not in metrics and metrics["Bleu_1"] == pytest.approx(1.0)
+    assert "java not found" in capsys.readouterr().err
