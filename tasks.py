@@ -230,6 +230,92 @@ def simple_tokenize(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# What the GPT-2 tasks (dialogue, captioning, generative VQA) share: FeatureGPT2, its tokenizer, packing, generation
+
+
+class GPT2Task(BaseTask):
+    """A task whose model is FeatureGPT2: visual features in front of a text prompt, then the target text.
+
+    A subclass names its special tokens (`SPECIAL`; `VISUAL` is the token type of the feature positions), the text
+    its tokenizer is trained on (`training_texts`) and how a sample becomes a prompt (`collate`, through `pack`).
+    """
+
+    SPECIAL: typing.ClassVar[dict]
+    VISUAL: typing.ClassVar[str]
+    cfg: GenerationConfig
+
+    def training_texts(self, train_set: Dataset) -> list[str]:
+        raise NotImplementedError
+
+    def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
+        import models
+
+        cfg = self.cfg.model
+        if cfg.name is not None:
+            self.tokenizer = models.load_tokenizer(cfg.name, self.SPECIAL)
+        elif (tokenizer_dir / "tokenizer.json").is_file():
+            self.tokenizer = models.load_tokenizer(tokenizer_dir, self.SPECIAL)
+        else:
+            specials = [self.SPECIAL[k] for k in ("bos_token", "eos_token", "pad_token")]
+            specials += self.SPECIAL["additional_special_tokens"]
+            self.tokenizer = models.train_tokenizer(self.training_texts(train_set), cfg.vocab_size, specials)
+            self.tokenizer.add_special_tokens(self.SPECIAL)
+        if not (tokenizer_dir / "tokenizer.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
+            self.tokenizer.save_pretrained(tokenizer_dir)
+        self.token = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
+        lm = models.build_gpt2(cfg, self.tokenizer)
+        self.max_positions = lm.config.n_positions
+        return models.FeatureGPT2(lm, train_set.features.dim, cfg.video_loss_weight)
+
+    def pack(self, samples: list[dict], prompts: list[tuple[list[int], list[int]]], targets, train: bool) -> dict:
+        """prompts = (token ids, token types) per sample, placed after its feature frames; targets = token ids to
+        learn (train only; they and their <eos> take the type of the prompt's last token, and are the only
+        labelled positions). Train: right-padded with labels. Eval: the prompt alone, left-padded for generation."""
+        eos = self.token["<eos>"]
+        rows = []
+        for sample, (ids, kinds), target in zip(samples, prompts, targets, strict=True):
+            frames = len(sample["features"])
+            labels = [-100] * (frames + len(ids))
+            if train:
+                labels += [*target, eos]
+                ids, kinds = [*ids, *target, eos], kinds + [kinds[-1]] * (len(target) + 1)
+            rows.append((frames, ids, [self.token[self.VISUAL]] * frames + kinds, labels))
+        batch = pack_features_and_text(rows, samples, pad_id=self.token["<pad>"], left=not train)
+        if train:
+            batch["labels"] = data.pad([r[3] for r in rows], -100, left=False)
+        batch["ids"] = [s["id"] for s in samples]
+        return batch
+
+    def generate(self, model: nn.Module, batch: dict) -> list[str]:
+        cfg = self.cfg
+        eos, pad_id = self.token["<eos>"], self.token["<pad>"]
+        generated = model.generate(batch, cfg.num_beams, cfg.max_len, cfg.min_len, eos, pad_id)
+        return [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
+        return [
+            {"id": i, "prediction": t, "references": r}
+            for i, t, r in zip(batch["ids"], self.generate(model, batch), batch["references"], strict=True)
+        ]
+
+
+def pack_features_and_text(rows, samples, pad_id: int, left: bool) -> dict:
+    """rows = (n_frames, text_ids, token_types) per sample → one packed, padded sequence per sample, laid out as
+    [frames | text]: `is_visual`/`visual_index` say which positions take which feature frame (see FeatureGPT2)."""
+    features, _ = data.stack_features([s["features"] for s in samples])
+    seqs = [[pad_id] * frames + ids for frames, ids, _, _ in rows]
+    visual = [[1] * frames + [0] * len(ids) for frames, ids, _, _ in rows]
+    return {
+        "features": features,
+        "input_ids": data.pad(seqs, pad_id, left),
+        "token_type_ids": data.pad([types for _, _, types, _ in rows], pad_id, left),
+        "attention_mask": data.pad([[1] * len(s) for s in seqs], 0, left),
+        "is_visual": data.pad(visual, 0, left).bool(),
+        "visual_index": data.pad([list(range(frames)) + [0] * len(ids) for frames, ids, _, _ in rows], 0, left),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Video-grounded dialogue (AVSD)
 
 
@@ -246,7 +332,7 @@ class DialogueConfig(GenerationConfig):
     """Feature streams to use (concatenated along the feature axis)."""
 
 
-class DialogueTask(BaseTask):
+class DialogueTask(GPT2Task):
     """Video-grounded dialogue (AVSD): answer the last question about a video, given caption and dialog history."""
 
     SPECIAL: typing.ClassVar[dict] = {
@@ -255,6 +341,7 @@ class DialogueTask(BaseTask):
         "pad_token": "<pad>",
         "additional_special_tokens": ["<speaker1>", "<speaker2>", "<video>", "<cap>"],
     }
+    VISUAL = "<video>"
 
     cfg: DialogueConfig
 
@@ -272,26 +359,8 @@ class DialogueTask(BaseTask):
             datasets[split] = data.FeatureDataset(samples, store, "image_id", cfg.data.shuffle_features)
         return datasets
 
-    def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
-        import models
-
-        cfg = self.cfg.model
-        if cfg.name is not None:
-            self.tokenizer = models.load_tokenizer(cfg.name, self.SPECIAL)
-        elif (tokenizer_dir / "tokenizer.json").is_file():
-            self.tokenizer = models.load_tokenizer(tokenizer_dir, self.SPECIAL)
-        else:
-            texts = [t for s in train_set.samples for t in (s["caption"], s["summary"], s["question"], s["answer"])]
-            specials = [self.SPECIAL[k] for k in ("bos_token", "eos_token", "pad_token")]
-            specials += self.SPECIAL["additional_special_tokens"]
-            self.tokenizer = models.train_tokenizer(texts, cfg.vocab_size, specials)
-            self.tokenizer.add_special_tokens(self.SPECIAL)
-        if not (tokenizer_dir / "tokenizer.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
-            self.tokenizer.save_pretrained(tokenizer_dir)
-        self.token = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
-        lm = models.build_gpt2(cfg, self.tokenizer)
-        self.max_positions = lm.config.n_positions
-        return models.FeatureGPT2(lm, train_set.features.dim, cfg.video_loss_weight)
+    def training_texts(self, train_set: Dataset) -> list[str]:
+        return [t for s in train_set.samples for t in (s["caption"], s["summary"], s["question"], s["answer"])]
 
     def collate(self, samples: list[dict], train: bool) -> dict:
         """Packs [video frames | caption | history | question | <speaker2> answer] per sample; token types are
@@ -305,7 +374,7 @@ class DialogueTask(BaseTask):
             [t for ts in texts for t in ts] + [s["answer"] for s in samples], add_special_tokens=False
         )["input_ids"]
         answers = encoded[-len(samples) :]
-        rows = []
+        prompts = []
         offset = 0
         for s, ts, answer in zip(samples, texts, answers, strict=True):
             parts = encoded[offset : offset + len(ts)]
@@ -325,30 +394,11 @@ class DialogueTask(BaseTask):
                 ids += [speaker, *t, eos]
                 types += [speaker] * (len(t) + 2)
             ids, types = ids[-budget:], types[-budget:]  # still too long: cut the caption from the left
-            ids.append(tok["<speaker2>"])
-            labels = [-100] * (frames + len(ids))
-            if train:
-                ids += [*answer, eos]
-                labels += [*answer, eos]
-            types += [tok["<speaker2>"]] * (len(ids) - len(types))
-            rows.append((frames, ids, [tok["<video>"]] * frames + types, labels))
-        batch = pack_features_and_text(rows, samples, pad_id=tok["<pad>"], left=not train)
-        if train:
-            batch["labels"] = data.pad([r[3] for r in rows], -100, left=False)
-        else:
+            prompts.append(([*ids, tok["<speaker2>"]], [*types, tok["<speaker2>"]]))
+        batch = self.pack(samples, prompts, answers, train)
+        if not train:
             batch["references"] = [[s["answer"]] for s in samples]
-        batch["ids"] = [s["id"] for s in samples]
         return batch
-
-    def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
-        cfg = self.cfg
-        eos, pad_id = self.token["<eos>"], self.token["<pad>"]
-        generated = model.generate(batch, cfg.num_beams, cfg.max_len, cfg.min_len, eos, pad_id)
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return [
-            {"id": i, "prediction": t.strip(), "references": r}
-            for i, t, r in zip(batch["ids"], texts, batch["references"], strict=True)
-        ]
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
         if not self.cfg.report_metric:
@@ -357,22 +407,6 @@ class DialogueTask(BaseTask):
             {r["id"]: r["prediction"] for r in results}, {r["id"]: r["references"] for r in results}
         )
         return metrics
-
-
-def pack_features_and_text(rows, samples, pad_id: int, left: bool) -> dict:
-    """rows = (n_frames, text_ids, token_types) per sample → one packed, padded sequence per sample, laid out as
-    [frames | text]: `is_visual`/`visual_index` say which positions take which feature frame (see FeatureGPT2)."""
-    features, _ = data.stack_features([s["features"] for s in samples])
-    seqs = [[pad_id] * frames + ids for frames, ids, _, _ in rows]
-    visual = [[1] * frames + [0] * len(ids) for frames, ids, _, _ in rows]
-    return {
-        "features": features,
-        "input_ids": data.pad(seqs, pad_id, left),
-        "token_type_ids": data.pad([types for _, _, types, _ in rows], pad_id, left),
-        "attention_mask": data.pad([[1] * len(s) for s in seqs], 0, left),
-        "is_visual": data.pad(visual, 0, left).bool(),
-        "visual_index": data.pad([list(range(frames)) + [0] * len(ids) for frames, ids, _, _ in rows], 0, left),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
