@@ -4,8 +4,11 @@ A task is three things next to each other in this file: a frozen config dataclas
 their docstrings the `--help`), a task class, and one entry in `TASKS`. `train.py` knows nothing else about tasks.
 """
 
+import collections
 import dataclasses
 import difflib
+import functools
+import re
 import shutil
 import sys
 import types
@@ -298,6 +301,24 @@ class GPT2Task(BaseTask):
             for i, t, r in zip(batch["ids"], self.generate(model, batch), batch["references"], strict=True)
         ]
 
+    def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
+        """The generated text scored against its references with the COCO caption metrics."""
+        if not self.cfg.report_metric:
+            return {}
+        return caption_metrics({r["id"]: r["prediction"] for r in results}, {r["id"]: r["references"] for r in results})
+
+
+def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore, load) -> dict[str, Dataset]:
+    """ROOT/annotations/{train,val[,test]}.json read by `load(path, train=...)`, joined with their features."""
+    datasets = {}
+    for split in ["train", "val", "test"]:
+        path = root / "annotations" / f"{split}.json"
+        if split == "test" and not path.exists():
+            continue
+        samples = load(path, train=split == "train")
+        datasets[split] = data.FeatureDataset(samples, store, "image_id", cfg.data.shuffle_features)
+    return datasets
+
 
 def pack_features_and_text(rows, samples, pad_id: int, left: bool) -> dict:
     """rows = (n_frames, text_ids, token_types) per sample → one packed, padded sequence per sample, laid out as
@@ -350,14 +371,7 @@ class DialogueTask(GPT2Task):
         root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, data.EMBEDDED_VERSION, data.make_embedded_avsd)
         streams = {s: data.AVSD_STREAMS[s] for s in cfg.features}
         store = data.FeatureStore(root / "features", streams, cfg.data.max_feature_len)
-        datasets = {}
-        for split in ["train", "val", "test"]:
-            path = root / "annotations" / f"{split}.json"
-            if split == "test" and not path.exists():
-                continue
-            samples = data.load_avsd(path, train=split == "train", max_turns=cfg.max_turns)
-            datasets[split] = data.FeatureDataset(samples, store, "image_id", cfg.data.shuffle_features)
-        return datasets
+        return load_splits(cfg, root, store, functools.partial(data.load_avsd, max_turns=cfg.max_turns))
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [t for s in train_set.samples for t in (s["caption"], s["summary"], s["question"], s["answer"])]
@@ -400,13 +414,259 @@ class DialogueTask(GPT2Task):
             batch["references"] = [[s["answer"]] for s in samples]
         return batch
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image captioning (COCO Karpathy) and VQA (VQAv2): image features in front of the text
+
+
+@dataclass(frozen=True)
+class ImageGenerationConfig(GenerationConfig):
+    feature_dim: int = data.IMAGE_FEATURE_DIM
+    """Width D of the image features in ROOT/features/{image_id}.npy, (D,) pooled or (T, D) grid: 768 for ViT-B
+    (CLIP, BLIP), 1024 for ViT-L. Keep --data.max-feature-len >= T for grid features (it truncates them)."""
+    best_metric: str = "agg_metrics"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.feature_dim < 1:
+            raise ValueError(f"--feature-dim must be >= 1, got {self.feature_dim}")
+
+
+def image_datasets(cfg: ImageGenerationConfig, embedded: str, make_embedded, load) -> dict[str, Dataset]:
+    root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, embedded, make_embedded)
+    return load_splits(
+        cfg, root, data.FeatureStore(root, {"features": cfg.feature_dim}, cfg.data.max_feature_len), load
+    )
+
+
+@dataclass(frozen=True)
+class CaptioningConfig(ImageGenerationConfig):
+    num_beams: int = 5
+    max_len: int = 30
+    min_len: int = 1
+
+
+class CaptioningTask(GPT2Task):
+    """Image captioning (COCO Karpathy): describe an image; Bleu, METEOR, ROUGE_L, CIDEr against its references."""
+
+    SPECIAL: typing.ClassVar[dict] = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "additional_special_tokens": ["<image>", "<cap>"],
+    }
+    VISUAL = "<image>"
+
+    cfg: CaptioningConfig
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        return image_datasets(self.cfg, data.CAPTIONS_VERSION, data.make_embedded_captions, data.load_captions)
+
+    def training_texts(self, train_set: Dataset) -> list[str]:
+        return [s["caption"] for s in train_set.samples]
+
+    def collate(self, samples: list[dict], train: bool) -> dict:
+        """[image | <bos> caption <eos>], token types <image> and <cap>; eval prompts end at <bos>."""
+        tok = self.token
+        captions = [[] for _ in samples]
+        if train:
+            captions = self.tokenizer([s["caption"] for s in samples], add_special_tokens=False)["input_ids"]
+            captions = [
+                c[: self.max_positions - len(s["features"]) - 2] for s, c in zip(samples, captions, strict=True)
+            ]
+        batch = self.pack(samples, [([tok["<bos>"]], [tok["<cap>"]]) for _ in samples], captions, train)
+        if not train:
+            batch["references"] = [s["references"] for s in samples]
+        return batch
+
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
-        if not self.cfg.report_metric:
-            return {}
-        metrics = caption_metrics(
-            {r["id"]: r["prediction"] for r in results}, {r["id"]: r["references"] for r in results}
-        )
+        metrics = super().after_evaluation(results, split)
+        if metrics:
+            metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]  # LAVIS's checkpoint selection
         return metrics
+
+
+@dataclass(frozen=True)
+class VQAConfig(ImageGenerationConfig):
+    num_beams: int = 3
+    max_len: int = 10
+    min_len: int = 1
+    inference_method: Literal["generate", "rank"] = "generate"
+    """generate: beam search (--num-beams --max-len --min-len). rank: the candidate answer with the highest
+    log-likelihood after the question (summed over its tokens and <eos>); every candidate is scored exactly."""
+    answer_list: Path | None = None
+    """rank: a JSON list of candidate answers. Unset: the --num-answers most frequent training answers."""
+    num_answers: int = 3128
+    """rank without --answer-list: how many of the most frequent (normalised) training answers are candidates."""
+    rank_batch_size: int = 1024
+    """rank: (question, candidate answer) pairs scored per forward pass."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_answers < 1 or self.rank_batch_size < 1:
+            raise ValueError("--num-answers and --rank-batch-size must be >= 1")
+        if self.answer_list is not None and not self.answer_list.is_file():
+            raise ValueError(f"--answer-list file not found: {self.answer_list}")
+
+
+class VQATask(GPT2Task):
+    """Visual question answering (VQAv2): answer a question about an image; VQA accuracy, overall and per type."""
+
+    SPECIAL: typing.ClassVar[dict] = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "additional_special_tokens": ["<image>", "<question>", "<answer>"],
+    }
+    VISUAL = "<image>"
+
+    cfg: VQAConfig
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        datasets = image_datasets(self.cfg, data.VQA_VERSION, data.make_embedded_vqa, data.load_vqa)
+        for split, dataset in datasets.items():
+            unanswered = [s["id"] for s in dataset.samples if not s["answers"]]
+            if unanswered and len(unanswered) < len(dataset.samples):
+                raise InputError(f"{split} split: question {unanswered[0]} has no answers while others have")
+        return datasets
+
+    def training_texts(self, train_set: Dataset) -> list[str]:
+        return [t for s in train_set.samples for t in (s["question"], consensus_answer(s["answers"]))]
+
+    def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
+        model = super().build_model(train_set, tokenizer_dir)
+        if self.cfg.inference_method == "rank":
+            self.candidates = self.answer_candidates(train_set)
+            encoded = self.tokenizer(self.candidates, add_special_tokens=False)["input_ids"]
+            answers = [[*a, self.token["<eos>"]] for a in encoded]
+            self.candidate_ids = data.pad(answers, self.token["<pad>"])
+            self.candidate_mask = data.pad([[1] * len(a) for a in answers], 0).bool()
+        return model
+
+    def answer_candidates(self, train_set: Dataset) -> list[str]:
+        if self.cfg.answer_list is None:
+            counts = collections.Counter(consensus_answer(s["answers"]) for s in train_set.samples)
+            return [a for a, _ in counts.most_common(self.cfg.num_answers)]
+        answers = data.read_json(self.cfg.answer_list)
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+            raise InputError(f"--answer-list {self.cfg.answer_list}: expected a non-empty JSON list of answers")
+        return answers
+
+    def collate(self, samples: list[dict], train: bool) -> dict:
+        """[image | question <answer> answer <eos>], token types <image>, <question>, <answer>; eval prompts end at
+        <answer>. Training learns the most common of the human answers (normalised)."""
+        tok = self.token
+        questions = self.tokenizer([s["question"] for s in samples], add_special_tokens=False)["input_ids"]
+        answers = [[] for _ in samples]
+        if train:
+            answers = [consensus_answer(s["answers"]) for s in samples]
+            answers = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
+        prompts = []
+        for s, question, answer in zip(samples, questions, answers, strict=True):
+            question = question[: self.max_positions - len(s["features"]) - 2 - max(len(answer), self.cfg.max_len)]
+            prompts.append(([*question, tok["<answer>"]], [tok["<question>"]] * len(question) + [tok["<answer>"]]))
+        batch = self.pack(samples, prompts, answers, train)
+        if not train:
+            batch["answers"] = [s["answers"] for s in samples]
+            batch["answer_types"] = [s["answer_type"] for s in samples]
+        return batch
+
+    def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
+        method = self.generate if self.cfg.inference_method == "generate" else self.rank
+        return [
+            {"id": i, "prediction": p, "answers": a, "answer_type": t}
+            for i, p, a, t in zip(
+                batch["ids"], method(model, batch), batch["answers"], batch["answer_types"], strict=True
+            )
+        ]
+
+    def rank(self, model: nn.Module, batch: dict) -> list[str]:
+        """Scores every (question, candidate) pair: the left-padded prompt row followed by the candidate's tokens
+        (right-padded, masked), labelled on the candidate only; --rank-batch-size pairs per forward pass."""
+        device = batch["input_ids"].device
+        candidates, candidate_mask = self.candidate_ids.to(device), self.candidate_mask.to(device)
+        n_questions, n_candidates = len(batch["ids"]), len(self.candidates)
+        scores = torch.empty(n_questions * n_candidates, device=device)
+        for pairs in torch.arange(len(scores), device=device).split(self.cfg.rank_batch_size):
+            question, answer = pairs // n_candidates, pairs % n_candidates
+            prompt = {k: batch[k][question] for k in ("features", "input_ids", "token_type_ids", "attention_mask")}
+            answer_ids, answer_mask = candidates[answer], candidate_mask[answer]
+            rows = {
+                "features": prompt["features"],
+                "input_ids": torch.cat([prompt["input_ids"], answer_ids], 1),
+                "token_type_ids": torch.cat(
+                    [prompt["token_type_ids"], torch.full_like(answer_ids, self.token["<answer>"])], 1
+                ),
+                "attention_mask": torch.cat([prompt["attention_mask"], answer_mask.long()], 1),
+                "is_visual": torch.cat([batch["is_visual"][question], torch.zeros_like(answer_mask)], 1),
+                "visual_index": torch.cat([batch["visual_index"][question], torch.zeros_like(answer_ids)], 1),
+                "labels": torch.cat(
+                    [torch.full_like(prompt["input_ids"], -100), answer_ids.masked_fill(~answer_mask, -100)], 1
+                ),
+            }
+            scores[pairs] = model.log_likelihood(rows).float()
+        best = scores.view(n_questions, n_candidates).argmax(1)
+        return [self.candidates[i] for i in best.tolist()]
+
+    def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
+        if not self.cfg.report_metric or not any(r["answers"] for r in results):
+            return {}  # a split without answers (VQAv2 test-dev): predictions are written, nothing to score
+        metrics = vqa_accuracy(results)
+        metrics["agg_metrics"] = metrics["accuracy"]
+        return metrics
+
+
+# The official VQA accuracy (visualqa.org/evaluation): answers are normalised, then a prediction's accuracy is the
+# mean over the 10 leave-one-annotator-out subsets of min(1, #matching answers / 3). Reported in percent.
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+_PERIOD = re.compile(r"\.(?!\d)")  # what the official `(?!<=\d)(\.)(?!\d)` does: a period not before a digit
+_COMMA_IN_NUMBER = re.compile(r"\d,\d")
+_DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_NUMBER_WORDS = {"none": "0", **{word: str(n) for n, word in enumerate(_DIGITS)}}
+# The official contraction table maps each of these, spelled with exactly one apostrophe left out, to itself.
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
+needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd somebody'd've
+somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's
+there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't
+what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's
+won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()  # noqa: SIM905 (a word list reads better as text)
+_CONTRACTIONS = {word[:i] + word[i + 1 :]: word for word in _CONTRACTED for i, c in enumerate(word) if c == "'"}
+
+
+def normalize_answer(answer: str) -> str:
+    """The official answer processing: punctuation (removed next to a space or in a number like 1,000, else turned
+    into a space), periods not before a digit removed, lower case, number words → digits, articles dropped,
+    contractions given their apostrophe."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    glued = _COMMA_IN_NUMBER.search(text) is not None
+    for p in _PUNCTUATION:
+        text = text.replace(p, "" if (p + " " in answer or " " + p in answer or glued) else " ")
+    words = [_NUMBER_WORDS.get(w, w) for w in _PERIOD.sub("", text).lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def answer_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy of one prediction against the human answers (normalised on both sides)."""
+    prediction = normalize_answer(prediction)
+    matches = [normalize_answer(a) == prediction for a in answers]
+    return sum(min(1.0, (sum(matches) - m) / 3) for m in matches) / len(matches)
+
+
+def vqa_accuracy(results: list[dict]) -> dict[str, float]:
+    """Overall and per answer type ("yes/no" → accuracy_yes_no, ...) accuracy in percent."""
+    by_type = collections.defaultdict(list)
+    for r in results:
+        accuracy = answer_accuracy(r["prediction"], r["answers"])
+        by_type["accuracy"].append(accuracy)
+        if r.get("answer_type"):
+            by_type["accuracy_" + re.sub(r"\W+", "_", r["answer_type"])].append(accuracy)
+    return {name: 100 * sum(values) / len(values) for name, values in by_type.items()}
+
+
+def consensus_answer(answers: list[str]) -> str:
+    """The most common normalised answer (the first one given, on a tie)."""
+    return collections.Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,6 +674,8 @@ class DialogueTask(GPT2Task):
 
 TASKS: dict[str, tuple[type[BaseTask], TaskConfig]] = {
     "dialogue": (DialogueTask, DialogueConfig()),
+    "captioning": (CaptioningTask, CaptioningConfig()),
+    "vqa": (VQATask, VQAConfig()),
 }
 
 
