@@ -492,19 +492,22 @@ class VQAConfig(ImageGenerationConfig):
     max_len: int = 10
     min_len: int = 1
     inference_method: Literal["generate", "rank"] = "generate"
-    """generate: beam search (--num-beams --max-len --min-len). rank: the candidate answer with the highest
-    log-likelihood after the question (summed over its tokens and <eos>); every candidate is scored exactly."""
+    """generate: beam search (--num-beams --max-len --min-len). rank: of the answer list, the candidate with the
+    highest log-likelihood after the question (summed over its tokens and <eos>)."""
     answer_list: Path | None = None
     """rank: a JSON list of candidate answers. Unset: the --num-answers most frequent training answers."""
     num_answers: int = 3128
     """rank without --answer-list: how many of the most frequent (normalised) training answers are candidates."""
+    num_ans_candidates: int = 128
+    """rank: candidates per question scored in full, picked by the probability of their first token (LAVIS's
+    shortlist: scoring thousands of answers per question in full is too slow); 0: score every candidate."""
     rank_batch_size: int = 1024
     """rank: (question, candidate answer) pairs scored per forward pass."""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_answers < 1 or self.rank_batch_size < 1:
-            raise ValueError("--num-answers and --rank-batch-size must be >= 1")
+        if self.num_answers < 1 or self.rank_batch_size < 1 or self.num_ans_candidates < 0:
+            raise ValueError("--num-answers and --rank-batch-size must be >= 1, --num-ans-candidates >= 0")
         if self.answer_list is not None and not self.answer_list.is_file():
             raise ValueError(f"--answer-list file not found: {self.answer_list}")
 
@@ -580,15 +583,21 @@ class VQATask(GPT2Task):
             )
         ]
 
+    @torch.no_grad()
     def rank(self, model: nn.Module, batch: dict) -> list[str]:
-        """Scores every (question, candidate) pair: the left-padded prompt row followed by the candidate's tokens
-        (right-padded, masked), labelled on the candidate only; --rank-batch-size pairs per forward pass."""
+        """Shortlists --num-ans-candidates answers per question by their first token's probability after the
+        prompt, then scores each (question, answer) pair in full: the left-padded prompt row followed by the
+        answer's tokens (right-padded, masked), labelled on the answer only; --rank-batch-size pairs per pass."""
         device = batch["input_ids"].device
         candidates, candidate_mask = self.candidate_ids.to(device), self.candidate_mask.to(device)
         n_questions, n_candidates = len(batch["ids"]), len(self.candidates)
-        scores = torch.empty(n_questions * n_candidates, device=device)
+        shortlist = torch.arange(n_candidates, device=device).expand(n_questions, -1)
+        if 0 < self.cfg.num_ans_candidates < n_candidates:
+            first_token = model.run_lm(batch).logits[:, -1].float().log_softmax(-1)[:, candidates[:, 0]]
+            shortlist = first_token.topk(self.cfg.num_ans_candidates, dim=1).indices
+        scores = torch.empty(shortlist.numel(), device=device)
         for pairs in torch.arange(len(scores), device=device).split(self.cfg.rank_batch_size):
-            question, answer = pairs // n_candidates, pairs % n_candidates
+            question, answer = pairs // shortlist.shape[1], shortlist.flatten()[pairs]
             prompt = {k: batch[k][question] for k in ("features", "input_ids", "token_type_ids", "attention_mask")}
             answer_ids, answer_mask = candidates[answer], candidate_mask[answer]
             rows = {
@@ -605,8 +614,8 @@ class VQATask(GPT2Task):
                 ),
             }
             scores[pairs] = model.log_likelihood(rows).float()
-        best = scores.view(n_questions, n_candidates).argmax(1)
-        return [self.candidates[i] for i in best.tolist()]
+        best = shortlist.gather(1, scores.view(shortlist.shape).argmax(1, keepdim=True))
+        return [self.candidates[i] for i in best.flatten().tolist()]
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
         if not self.cfg.report_metric or not any(r["answers"] for r in results):

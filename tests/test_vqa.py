@@ -203,6 +203,16 @@ def test_collate_and_rank_agree_with_scoring_each_answer_alone(tmp_path):
             model.log_likelihood(task.collate([{**sample, "answers": [c]}], train=True)).item() for c in task.candidates
         ]
         assert choice == task.candidates[int(np.argmax(alone))], (alone, choice)
+    # With a shortlist of 2 by first-token probability, the choice is the better-scored of those 2.
+    task.cfg = dataclasses.replace(task.cfg, num_ans_candidates=2)
+    first_token = model.run_lm(eval_batch).logits[:, -1].log_softmax(-1)[:, task.candidate_ids[:, 0]]
+    for sample, choice, prior in zip(samples, task.rank(model, eval_batch), first_token, strict=True):
+        shortlist = prior.topk(2).indices.tolist()
+        alone = {
+            c: model.log_likelihood(task.collate([{**sample, "answers": [task.candidates[c]]}], train=True)).item()
+            for c in shortlist
+        }
+        assert choice == task.candidates[max(alone, key=alone.get)]
     results = task.valid_step(model, eval_batch)
     assert [r["id"] for r in results] == ["1", "2"] and results[0]["answers"] == samples[0]["answers"]
 
