@@ -213,3 +213,35 @@ def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path, monkeypatch
     assert before < 0.5 and after > 3.0, (before, after)
     assert shuffled < after / 2, (shuffled, after)
     shutil.rmtree(tmp_path / "data")
+
+
+def test_pretrained_gpt2_from_a_local_directory(tmp_path):
+    """--model.name: a GPT-2 and its tokenizer saved with save_pretrained (a tiny one here: no download) get the
+    task's special tokens and embeddings resized to match; a train step and beam search run on it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import models
+
+    pretrained = tmp_path / "gpt2"
+    tokenizer = models.train_tokenizer(["a red cup.", "a blue book.", "a green phone."] * 5, 300, ["<|endoftext|>"])
+    tokenizer.save_pretrained(pretrained)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=64)
+    ).save_pretrained(pretrained)
+    task = task_for(write_root(tmp_path / "data"), model=models.ModelConfig(name=str(pretrained)))
+    datasets = task.build_datasets()
+    model = task.build_model(datasets["train"], tmp_path / "run" / "tokenizer")
+    assert model.lm.get_input_embeddings().num_embeddings == len(task.tokenizer) > len(tokenizer)
+    loss, count = task.train_step(model, task.collate([datasets["train"][i] for i in range(3)], train=True))
+    assert torch.isfinite(loss) and count > 0
+    loss.backward()
+    results = task.valid_step(model.eval(), task.collate([datasets["val"][0], datasets["val"][1]], train=False))
+    assert [r["id"] for r in results] == ["COCO_val2014_000000000042", "c"]
+    assert all(isinstance(r["prediction"], str) for r in results)
+
+
+def test_preset_mirrors_lavis_caption_coco_ft():
+    path = Path(__file__).resolve().parent.parent / "configs" / "caption_coco_ft.yaml"
+    cfg = tasks.load_preset(path, "captioning", tasks.TASKS["captioning"][1])
+    assert (cfg.lr, cfg.max_epochs, cfg.batch_size, cfg.num_beams, cfg.max_len, cfg.min_len) == (1e-5, 5, 32, 3, 20, 5)
+    assert cfg.model.name == "gpt2" and cfg.best_metric == "agg_metrics"

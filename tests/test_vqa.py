@@ -242,3 +242,10 @@ def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path):
     print(f"VQA accuracy untrained {before:.1f} generate {after:.1f} rank {ranked:.1f} shuffled {shuffled:.1f}")
     assert before < 20 and after > 70 and ranked > 70, (before, after, ranked)
     assert shuffled < after - 30, (shuffled, after)
+
+
+def test_preset_mirrors_lavis_vqav2_ft():
+    path = Path(__file__).resolve().parent.parent / "configs" / "vqa_vqav2_ft.yaml"
+    cfg = tasks.load_preset(path, "vqa", tasks.TASKS["vqa"][1])
+    assert (cfg.lr, cfg.max_epochs, cfg.batch_size, cfg.num_beams, cfg.max_len, cfg.min_len) == (2e-5, 10, 16, 3, 10, 1)
+    assert (cfg.inference_method, cfg.num_ans_candidates, cfg.model.name) == ("rank", 128, "gpt2")
