@@ -549,7 +549,7 @@ class VQATask(GPT2Task):
     def answer_candidates(self, train_set: Dataset) -> list[str]:
         if self.cfg.answer_list is None:
             counts = collections.Counter(consensus_answer(s["answers"]) for s in train_set.samples)
-            return [a for a, _ in counts.most_common(self.cfg.num_answers)]
+            return [a for a, _ in counts.most_common(self.cfg.num_answers) if a]  # "a" normalises to nothing
         answers = data.read_json(self.cfg.answer_list)
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
             raise InputError(f"--answer-list {self.cfg.answer_list}: expected a non-empty JSON list of answers")

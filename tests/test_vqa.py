@@ -160,6 +160,19 @@ def test_loader_errors_name_the_problem(tmp_path, train_entries, val_entries, me
     assert message in str(error.value)
 
 
+def test_answer_list_file(tmp_path):
+    root = write_root(tmp_path / "data")
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["red", "blue", "2"]))
+    task = task_for(root, inference_method="rank", answer_list=answers)
+    assert task.answer_candidates(task.build_datasets()["train"]) == ["red", "blue", "2"]
+    answers.write_text(json.dumps({"red": 1}))
+    with pytest.raises(InputError, match="expected a non-empty JSON list of answers"):
+        task.answer_candidates(task.build_datasets()["train"])
+    # Without a file: the most frequent normalised training answers, at most --num-answers of them.
+    assert task_for(root, num_answers=1).answer_candidates(task.build_datasets()["train"]) == ["red"]
+
+
 def test_wrong_feature_width_names_the_file(tmp_path):
     root = write_root(tmp_path)
     with pytest.raises(
