@@ -243,6 +243,184 @@ def make_embedded_avsd(root: Path, seed: int = 0) -> None:
         (root / "annotations" / f"{split}.json").write_text(json.dumps({"dialogs": dialogs}, indent=1))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Images (captioning, VQA): ROOT/annotations/{split}.json + ROOT/features/{image_id}.npy, one (D,) or (T, D) array
+# per image (pooled or grid features of an image encoder). An entry's feature id is its "image_id", else the file
+# name of its "image" without the extension ("val2014/COCO_val2014_000000391895.jpg" → COCO_val2014_000000391895).
+
+
+def image_feature_id(entry: dict) -> str:
+    return str(entry["image_id"]) if "image_id" in entry else Path(str(entry["image"])).stem
+
+
+def read_entries(path: Path, keys: Sequence[str]) -> list[dict]:
+    """A JSON list of objects, each checked for `keys` (a missing field names the entry and the field)."""
+    entries = read_json(path)
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
+    if not entries:
+        raise InputError(f"empty split: no entries in {path}")
+    for n, entry in enumerate(entries):
+        require(entry, keys, f"{path}: entry {n}")
+        if "image_id" not in entry and "image" not in entry:
+            raise InputError(f"{path}: entry {n}: missing field(s) image_id or image (the feature id)")
+    return entries
+
+
+def load_captions(path: Path, train: bool) -> list[dict]:
+    """COCO-Karpathy style entries {"image", "image_id", "caption"}; "caption" is one string (a train entry) or a
+    list of references (an eval entry); both shapes are read in every split. Train: one sample per caption. Eval:
+    one sample per image with all its references (entries of the same image are merged)."""
+    samples, by_image = [], {}
+    for n, entry in enumerate(read_entries(path, ["caption"])):
+        captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise InputError(f"{path}: entry {n}: 'caption' must be a string or a non-empty list of strings")
+        image_id = image_feature_id(entry)
+        if train:
+            samples += [
+                {"id": f"{image_id}#{n}.{k}", "image_id": image_id, "caption": c} for k, c in enumerate(captions)
+            ]
+        elif image_id in by_image:
+            by_image[image_id]["references"] += captions
+        else:
+            by_image[image_id] = {"id": image_id, "image_id": image_id, "references": list(captions)}
+    return samples if train else list(by_image.values())
+
+
+def load_vqa(path: Path, train: bool) -> list[dict]:
+    """VQAv2 style entries {"question_id", "question", "answer": [answers], "image"} (+ optional "answer_type",
+    "image_id"). One sample per question; "answer" may be a single string. Eval entries may lack answers (a test
+    split scored elsewhere): they get an empty list, and scoring them is refused."""
+    samples = []
+    for n, entry in enumerate(read_entries(path, ["question_id", "question", *(["answer"] if train else [])])):
+        answers = entry.get("answer", [])
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or (train and not answers):
+            raise InputError(
+                f"{path}: entry {n} (question_id {entry['question_id']!r}): 'answer' must be a string "
+                "or a list of strings"
+            )
+        sample = {"id": str(entry["question_id"]), "image_id": image_feature_id(entry), "question": entry["question"]}
+        samples.append({**sample, "answers": answers, "answer_type": entry.get("answer_type")})
+    if len({s["id"] for s in samples}) != len(samples):
+        raise InputError(f"{path}: question_id values are not unique")
+    return samples
+
+
+# The embedded image datasets: every image has hidden attributes, each value a fixed random direction in feature
+# space; an image's features are a small grid of patch vectors = the sum of its attribute directions + noise. The
+# captions and answers name these attributes, so they can only be read off the features.
+IMAGE_FEATURE_DIM = 768  # ViT-B/16 (CLIP, BLIP) patch/pooled width
+_IMAGE_PATCHES = 4
+_IMAGE_ATTRIBUTES = {
+    "color": ["red", "blue", "green", "yellow", "black", "white"],
+    "thing": ["cup", "book", "phone", "towel", "bicycle", "laptop"],
+    "place": ["kitchen", "bedroom", "street", "garden", "office", "beach"],
+    "count": ["one", "two", "three", "four"],
+}
+
+
+def _make_images(root: Path, split: str, n_images: int, rng: np.random.Generator, directions: dict) -> list[dict]:
+    """Write `n_images` feature files of one split; returns their ids and hidden attributes."""
+    (root / "features").mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(n_images):
+        attrs = {attr: values[rng.integers(len(values))] for attr, values in _IMAGE_ATTRIBUTES.items()}
+        patches = 0.5 * rng.standard_normal((_IMAGE_PATCHES, IMAGE_FEATURE_DIM)).astype(np.float32)
+        patches += sum(directions[attr, value] for attr, value in attrs.items())
+        image_id = f"{split}{i:04d}"
+        np.save(root / "features" / f"{image_id}.npy", patches)
+        images.append({"image_id": image_id, "image": f"{split}/{image_id}.jpg", **attrs})
+    return images
+
+
+def _image_directions(rng: np.random.Generator) -> dict:
+    return {
+        (attr, value): rng.standard_normal(IMAGE_FEATURE_DIM).astype(np.float32)
+        for attr, values in _IMAGE_ATTRIBUTES.items()
+        for value in values
+    }
+
+
+_CAPTIONS = [
+    "a {color} {thing} in the {place}.",
+    "there is a {color} {thing} in a {place}.",
+    "a photo of a {color} {thing} in the {place}.",
+    "the {place} has a {color} {thing} in it.",
+]
+CAPTIONS_SPLITS = {"train": 160, "val": 40, "test": 40}  # images; train has 2 captions per image, eval 3 references
+CAPTIONS_VERSION = "captions-embedded-v1"
+
+
+def make_embedded_captions(root: Path, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    directions = _image_directions(rng)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, n_images in CAPTIONS_SPLITS.items():
+        entries = []
+        for image in _make_images(root, split, n_images, rng, directions):
+            key = {"image": image["image"], "image_id": image["image_id"]}
+            captions = [_CAPTIONS[k].format(**image) for k in rng.permutation(len(_CAPTIONS))]
+            if split == "train":  # the Karpathy layout: one entry per caption
+                entries += [{**key, "caption": c} for c in captions[:2]]
+            else:
+                entries.append({**key, "caption": captions[:3]})
+        (root / "annotations" / f"{split}.json").write_text(json.dumps(entries, indent=1))
+
+
+VQA_SPLITS = {"train": 160, "val": 30, "test": 30}  # images, 3 questions each
+VQA_VERSION = "vqa-embedded-v1"
+
+
+def make_embedded_vqa(root: Path, seed: int = 0) -> None:
+    """Questions of three answer types; the 10 human answers vary in spelling ("two", "2", "Red.") as real VQA
+    answers do, and one or two annotators of ten disagree, so the accuracy's normalisation and consensus matter."""
+    rng = np.random.default_rng(seed)
+    directions = _image_directions(rng)
+    digits = {"one": "1", "two": "2", "three": "3", "four": "4"}
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, n_images in VQA_SPLITS.items():
+        entries = []
+        for image in _make_images(root, split, n_images, rng, directions):
+            asked_color = _IMAGE_ATTRIBUTES["color"][rng.integers(6)] if rng.random() < 0.5 else image["color"]
+            plain, period, title = str, "{}.".format, str.title
+            questions = [
+                (f"what color is the {image['thing']}?", "other", image["color"], [plain, period, title]),
+                (
+                    "what is the object in the picture?",
+                    "other",
+                    image["thing"],
+                    [plain, "a {}".format, "the {}".format],
+                ),
+                (f"how many {image['thing']}s are there?", "number", image["count"], [plain, digits.get]),
+                (
+                    f"is the {image['thing']} {asked_color}?",
+                    "yes/no",
+                    "yes" if asked_color == image["color"] else "no",
+                    [plain, title],
+                ),
+            ]
+            for q in rng.permutation(len(questions))[:3]:
+                question, answer_type, answer, spellings = questions[q]
+                answers = [spellings[rng.integers(len(spellings))](answer) for _ in range(10)]
+                pool = {"number": _IMAGE_ATTRIBUTES["count"], "yes/no": ["yes", "no"]}.get(answer_type)
+                pool = pool or _IMAGE_ATTRIBUTES["color" if "color" in question else "thing"]
+                for k in rng.permutation(10)[: rng.integers(0, 3)]:  # disagreeing annotators
+                    answers[k] = pool[rng.integers(len(pool))]
+                question_id = 100_000 * list(VQA_SPLITS).index(split) + len(entries)
+                entries.append(
+                    {
+                        "question_id": question_id,
+                        "image": image["image"],
+                        "question": question,
+                        "answer": answers,
+                        "answer_type": answer_type,
+                    }
+                )
+        (root / "annotations" / f"{split}.json").write_text(json.dumps(entries, indent=1))
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vltasks"
 

@@ -99,19 +99,26 @@ class FeatureGPT2(nn.Module):
         visual = visual.gather(1, index)
         return torch.where(batch["is_visual"].unsqueeze(-1), visual, text)
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_lm(self, batch: dict, hidden_states: bool = False):
         mask = batch["attention_mask"]
-        out = self.lm(
+        return self.lm(
             inputs_embeds=self.embed(batch),
             attention_mask=mask,
             token_type_ids=batch["token_type_ids"],
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            output_hidden_states=self.video_head is not None,
+            output_hidden_states=hidden_states,
         )
-        logits = out.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        count = (labels != -100).sum()
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, L-1) negative log-likelihood of each next token; 0 where the label is -100."""
+        return nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+        )
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.run_lm(batch, hidden_states=self.video_head is not None)
+        loss = self.token_losses(out.logits, batch["labels"]).sum()
+        count = (batch["labels"][:, 1:] != -100).sum()
         if self.video_head is not None:
             loss = loss + self.video_loss_weight * self.next_frame_loss(out.hidden_states[-1], batch) * count
         return loss, count
@@ -124,6 +131,11 @@ class FeatureGPT2(nn.Module):
         pairs = batch["is_visual"][:, :-1] & batch["is_visual"][:, 1:]
         pred = self.video_head(hidden[:, :-1][pairs])
         return nn.functional.mse_loss(pred.float(), frames[:, 1:][pairs].float())
+
+    @torch.no_grad()
+    def log_likelihood(self, batch: dict) -> torch.Tensor:
+        """(B,) summed log-probability of each row's labelled tokens (ranking candidate answers)."""
+        return -self.token_losses(self.run_lm(batch).logits, batch["labels"]).sum(-1)
 
     @torch.no_grad()
     def generate(self, batch: dict, num_beams: int, max_len: int, min_len: int, eos_id: int, pad_id: int):

@@ -4,9 +4,11 @@ A task is three things next to each other in this file: a frozen config dataclas
 their docstrings the `--help`), a task class, and one entry in `TASKS`. `train.py` knows nothing else about tasks.
 """
 
+import collections
 import dataclasses
 import difflib
 import functools
+import re
 import shutil
 import sys
 import types
@@ -239,47 +241,22 @@ def simple_tokenize(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Video-grounded dialogue (AVSD)
+# What the GPT-2 tasks (dialogue, captioning, generative VQA) share: FeatureGPT2, its tokenizer, packing, generation
 
 
-@dataclass(frozen=True)
-class DialogueConfig(GenerationConfig):
-    num_beams: int = 5
-    max_len: int = 20
-    min_len: int = 1
-    max_turns: int = 3
-    """Earlier question/answer pairs kept as history."""
-    use_caption: bool = True
-    """Put the video's caption and summary in front of the dialog."""
-    features: tuple[Literal["i3d_flow", "i3d_rgb", "vggish"], ...] = ("i3d_flow", "i3d_rgb", "vggish")
-    """Feature streams to use (concatenated along the feature axis)."""
+class GPT2Task(BaseTask):
+    """A task whose model is FeatureGPT2: visual features in front of a text prompt, then the target text.
 
+    A subclass names its special tokens (`SPECIAL`; `VISUAL` is the token type of the feature positions), the text
+    its tokenizer is trained on (`training_texts`) and how a sample becomes a prompt (`collate`, through `pack`).
+    """
 
-class DialogueTask(BaseTask):
-    """Video-grounded dialogue (AVSD): answer the last question about a video, given caption and dialog history."""
+    SPECIAL: typing.ClassVar[dict]
+    VISUAL: typing.ClassVar[str]
+    cfg: GenerationConfig
 
-    SPECIAL: typing.ClassVar[dict] = {
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "additional_special_tokens": ["<speaker1>", "<speaker2>", "<video>", "<cap>"],
-    }
-
-    cfg: DialogueConfig
-
-    def build_datasets(self) -> dict[str, Dataset]:
-        cfg = self.cfg
-        root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, data.EMBEDDED_VERSION, data.make_embedded_avsd)
-        streams = {s: data.AVSD_STREAMS[s] for s in cfg.features}
-        store = data.FeatureStore(root / "features", streams, cfg.data.max_feature_len)
-        datasets = {}
-        for split in ["train", "val", "test"]:
-            path = root / "annotations" / f"{split}.json"
-            if split == "test" and not path.exists():
-                continue
-            samples = data.load_avsd(path, train=split == "train", max_turns=cfg.max_turns)
-            datasets[split] = data.FeatureDataset(samples, store, "image_id", cfg.data.shuffle_features)
-        return datasets
+    def training_texts(self, train_set: Dataset) -> list[str]:
+        raise NotImplementedError
 
     def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
         import models
@@ -290,10 +267,9 @@ class DialogueTask(BaseTask):
         elif (tokenizer_dir / "tokenizer.json").is_file():
             self.tokenizer = models.load_tokenizer(tokenizer_dir, self.SPECIAL)
         else:
-            texts = [t for s in train_set.samples for t in (s["caption"], s["summary"], s["question"], s["answer"])]
             specials = [self.SPECIAL[k] for k in ("bos_token", "eos_token", "pad_token")]
             specials += self.SPECIAL["additional_special_tokens"]
-            self.tokenizer = models.train_tokenizer(texts, cfg.vocab_size, specials)
+            self.tokenizer = models.train_tokenizer(self.training_texts(train_set), cfg.vocab_size, specials)
             self.tokenizer.add_special_tokens(self.SPECIAL)
         if not (tokenizer_dir / "tokenizer.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
             self.tokenizer.save_pretrained(tokenizer_dir)
@@ -302,70 +278,54 @@ class DialogueTask(BaseTask):
         self.max_positions = lm.config.n_positions
         return models.FeatureGPT2(lm, train_set.features.dim, cfg.video_loss_weight)
 
-    def collate(self, samples: list[dict], train: bool) -> dict:
-        """Packs [video frames | caption | history | question | <speaker2> answer] per sample; token types are
-        <video>, <cap>, <speaker1> (questions), <speaker2> (answers). Train: right-padded, labels only on the
-        answer and its <eos>. Eval: the prompt up to <speaker2>, left-padded so beam search continues each row."""
-        tok, eos = self.token, self.token["<eos>"]
-        texts = [
-            [s["caption"] + " " + s["summary"], *(t for qa in s["history"] for t in qa), s["question"]] for s in samples
-        ]
-        encoded = self.tokenizer(
-            [t for ts in texts for t in ts] + [s["answer"] for s in samples], add_special_tokens=False
-        )["input_ids"]
-        answers = encoded[-len(samples) :]
+    def pack(self, samples: list[dict], prompts: list[tuple[list[int], list[int]]], targets, train: bool) -> dict:
+        """prompts = (token ids, token types) per sample, placed after its feature frames; targets = token ids to
+        learn (train only; they and their <eos> take the type of the prompt's last token, and are the only
+        labelled positions). Train: right-padded with labels. Eval: the prompt alone, left-padded for generation."""
+        eos = self.token["<eos>"]
         rows = []
-        offset = 0
-        for s, ts, answer in zip(samples, texts, answers, strict=True):
-            parts = encoded[offset : offset + len(ts)]
-            offset += len(ts)
-            caption, history, question = parts[0], parts[1:-1], parts[-1]
-            frames = len(s["features"])
-            budget = self.max_positions - frames - 1 - (len(answer) + 1 if train else self.cfg.max_len)
-            while True:
-                segments = [(tok["<cap>"], caption)] if self.cfg.use_caption else []
-                segments += [(tok["<speaker1>"] if i % 2 == 0 else tok["<speaker2>"], t) for i, t in enumerate(history)]
-                segments.append((tok["<speaker1>"], question))
-                if not history or sum(len(t) + 2 for _, t in segments) <= budget:
-                    break
-                history = history[2:]  # drop the oldest question/answer pair
-            ids, types = [], []
-            for speaker, t in segments:
-                ids += [speaker, *t, eos]
-                types += [speaker] * (len(t) + 2)
-            ids, types = ids[-budget:], types[-budget:]  # still too long: cut the caption from the left
-            ids.append(tok["<speaker2>"])
+        for sample, (ids, kinds), target in zip(samples, prompts, targets, strict=True):
+            frames = len(sample["features"])
             labels = [-100] * (frames + len(ids))
             if train:
-                ids += [*answer, eos]
-                labels += [*answer, eos]
-            types += [tok["<speaker2>"]] * (len(ids) - len(types))
-            rows.append((frames, ids, [tok["<video>"]] * frames + types, labels))
-        batch = pack_features_and_text(rows, samples, pad_id=tok["<pad>"], left=not train)
+                labels += [*target, eos]
+                ids, kinds = [*ids, *target, eos], kinds + [kinds[-1]] * (len(target) + 1)
+            rows.append((frames, ids, [self.token[self.VISUAL]] * frames + kinds, labels))
+        batch = pack_features_and_text(rows, samples, pad_id=self.token["<pad>"], left=not train)
         if train:
             batch["labels"] = data.pad([r[3] for r in rows], -100, left=False)
-        else:
-            batch["references"] = [[s["answer"]] for s in samples]
         batch["ids"] = [s["id"] for s in samples]
         return batch
 
-    def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
+    def generate(self, model: nn.Module, batch: dict) -> list[str]:
         cfg = self.cfg
         eos, pad_id = self.token["<eos>"], self.token["<pad>"]
         generated = model.generate(batch, cfg.num_beams, cfg.max_len, cfg.min_len, eos, pad_id)
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
         return [
-            {"id": i, "prediction": t.strip(), "references": r}
-            for i, t, r in zip(batch["ids"], texts, batch["references"], strict=True)
+            {"id": i, "prediction": t, "references": r}
+            for i, t, r in zip(batch["ids"], self.generate(model, batch), batch["references"], strict=True)
         ]
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
+        """The generated text scored against its references with the COCO caption metrics."""
         if not self.cfg.report_metric:
             return {}
-        metrics = caption_metrics(
-            {r["id"]: r["prediction"] for r in results}, {r["id"]: r["references"] for r in results}
-        )
-        return metrics
+        return caption_metrics({r["id"]: r["prediction"] for r in results}, {r["id"]: r["references"] for r in results})
+
+
+def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore, load) -> dict[str, Dataset]:
+    """ROOT/annotations/{train,val[,test]}.json read by `load(path, train=...)`, joined with their features."""
+    datasets = {}
+    for split in ["train", "val", "test"]:
+        path = root / "annotations" / f"{split}.json"
+        if split == "test" and not path.exists():
+            continue
+        samples = load(path, train=split == "train")
+        datasets[split] = data.FeatureDataset(samples, store, "image_id", cfg.data.shuffle_features)
+    return datasets
 
 
 def pack_features_and_text(rows, samples, pad_id: int, left: bool) -> dict:
@@ -385,10 +345,354 @@ def pack_features_and_text(rows, samples, pad_id: int, left: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Video-grounded dialogue (AVSD)
+
+
+@dataclass(frozen=True)
+class DialogueConfig(GenerationConfig):
+    num_beams: int = 5
+    max_len: int = 20
+    min_len: int = 1
+    max_turns: int = 3
+    """Earlier question/answer pairs kept as history."""
+    use_caption: bool = True
+    """Put the video's caption and summary in front of the dialog."""
+    features: tuple[Literal["i3d_flow", "i3d_rgb", "vggish"], ...] = ("i3d_flow", "i3d_rgb", "vggish")
+    """Feature streams to use (concatenated along the feature axis)."""
+
+
+class DialogueTask(GPT2Task):
+    """Video-grounded dialogue (AVSD): answer the last question about a video, given caption and dialog history."""
+
+    SPECIAL: typing.ClassVar[dict] = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "additional_special_tokens": ["<speaker1>", "<speaker2>", "<video>", "<cap>"],
+    }
+    VISUAL = "<video>"
+
+    cfg: DialogueConfig
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        cfg = self.cfg
+        root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, data.EMBEDDED_VERSION, data.make_embedded_avsd)
+        streams = {s: data.AVSD_STREAMS[s] for s in cfg.features}
+        store = data.FeatureStore(root / "features", streams, cfg.data.max_feature_len)
+        return load_splits(cfg, root, store, functools.partial(data.load_avsd, max_turns=cfg.max_turns))
+
+    def training_texts(self, train_set: Dataset) -> list[str]:
+        return [t for s in train_set.samples for t in (s["caption"], s["summary"], s["question"], s["answer"])]
+
+    def collate(self, samples: list[dict], train: bool) -> dict:
+        """Packs [video frames | caption | history | question | <speaker2> answer] per sample; token types are
+        <video>, <cap>, <speaker1> (questions), <speaker2> (answers). Train: right-padded, labels only on the
+        answer and its <eos>. Eval: the prompt up to <speaker2>, left-padded so beam search continues each row."""
+        tok, eos = self.token, self.token["<eos>"]
+        texts = [
+            [s["caption"] + " " + s["summary"], *(t for qa in s["history"] for t in qa), s["question"]] for s in samples
+        ]
+        encoded = self.tokenizer(
+            [t for ts in texts for t in ts] + [s["answer"] for s in samples], add_special_tokens=False
+        )["input_ids"]
+        answers = encoded[-len(samples) :]
+        prompts = []
+        offset = 0
+        for s, ts, answer in zip(samples, texts, answers, strict=True):
+            parts = encoded[offset : offset + len(ts)]
+            offset += len(ts)
+            caption, history, question = parts[0], parts[1:-1], parts[-1]
+            frames = len(s["features"])
+            budget = self.max_positions - frames - 1 - (len(answer) + 1 if train else self.cfg.max_len)
+            while True:
+                segments = [(tok["<cap>"], caption)] if self.cfg.use_caption else []
+                segments += [(tok["<speaker1>"] if i % 2 == 0 else tok["<speaker2>"], t) for i, t in enumerate(history)]
+                segments.append((tok["<speaker1>"], question))
+                if not history or sum(len(t) + 2 for _, t in segments) <= budget:
+                    break
+                history = history[2:]  # drop the oldest question/answer pair
+            ids, types = [], []
+            for speaker, t in segments:
+                ids += [speaker, *t, eos]
+                types += [speaker] * (len(t) + 2)
+            ids, types = ids[-budget:], types[-budget:]  # still too long: cut the caption from the left
+            prompts.append(([*ids, tok["<speaker2>"]], [*types, tok["<speaker2>"]]))
+        batch = self.pack(samples, prompts, answers, train)
+        if not train:
+            batch["references"] = [[s["answer"]] for s in samples]
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image captioning (COCO Karpathy) and VQA (VQAv2): image features in front of the text
+
+
+@dataclass(frozen=True)
+class ImageGenerationConfig(GenerationConfig):
+    feature_dim: int = data.IMAGE_FEATURE_DIM
+    """Width D of the image features in ROOT/features/{image_id}.npy, (D,) pooled or (T, D) grid: 768 for ViT-B
+    (CLIP, BLIP), 1024 for ViT-L. Keep --data.max-feature-len >= T for grid features (it truncates them)."""
+    best_metric: str = "agg_metrics"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.feature_dim < 1:
+            raise ValueError(f"--feature-dim must be >= 1, got {self.feature_dim}")
+
+
+def image_datasets(cfg: ImageGenerationConfig, embedded: str, make_embedded, load) -> dict[str, Dataset]:
+    root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, embedded, make_embedded)
+    return load_splits(
+        cfg, root, data.FeatureStore(root, {"features": cfg.feature_dim}, cfg.data.max_feature_len), load
+    )
+
+
+@dataclass(frozen=True)
+class CaptioningConfig(ImageGenerationConfig):
+    num_beams: int = 5
+    max_len: int = 30
+    min_len: int = 1
+
+
+class CaptioningTask(GPT2Task):
+    """Image captioning (COCO Karpathy): describe an image; Bleu, METEOR, ROUGE_L, CIDEr against its references."""
+
+    SPECIAL: typing.ClassVar[dict] = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "additional_special_tokens": ["<image>", "<cap>"],
+    }
+    VISUAL = "<image>"
+
+    cfg: CaptioningConfig
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        return image_datasets(self.cfg, data.CAPTIONS_VERSION, data.make_embedded_captions, data.load_captions)
+
+    def training_texts(self, train_set: Dataset) -> list[str]:
+        return [s["caption"] for s in train_set.samples]
+
+    def collate(self, samples: list[dict], train: bool) -> dict:
+        """[image | <bos> caption <eos>], token types <image> and <cap>; eval prompts end at <bos>."""
+        tok = self.token
+        captions = [[] for _ in samples]
+        if train:
+            captions = self.tokenizer([s["caption"] for s in samples], add_special_tokens=False)["input_ids"]
+            captions = [
+                c[: self.max_positions - len(s["features"]) - 2] for s, c in zip(samples, captions, strict=True)
+            ]
+        batch = self.pack(samples, [([tok["<bos>"]], [tok["<cap>"]]) for _ in samples], captions, train)
+        if not train:
+            batch["references"] = [s["references"] for s in samples]
+        return batch
+
+    def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
+        metrics = super().after_evaluation(results, split)
+        if metrics:
+            metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]  # LAVIS's checkpoint selection
+        return metrics
+
+
+@dataclass(frozen=True)
+class VQAConfig(ImageGenerationConfig):
+    num_beams: int = 3
+    max_len: int = 10
+    min_len: int = 1
+    inference_method: Literal["generate", "rank"] = "generate"
+    """generate: beam search (--num-beams --max-len --min-len). rank: of the answer list, the candidate with the
+    highest log-likelihood after the question (summed over its tokens and <eos>)."""
+    answer_list: Path | None = None
+    """rank: a JSON list of candidate answers. Unset: the --num-answers most frequent training answers."""
+    num_answers: int = 3128
+    """rank without --answer-list: how many of the most frequent (normalised) training answers are candidates."""
+    num_ans_candidates: int = 128
+    """rank: candidates per question scored in full, picked by the probability of their first token (LAVIS's
+    shortlist: scoring thousands of answers per question in full is too slow); 0: score every candidate."""
+    rank_batch_size: int = 1024
+    """rank: (question, candidate answer) pairs scored per forward pass."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_answers < 1 or self.rank_batch_size < 1 or self.num_ans_candidates < 0:
+            raise ValueError("--num-answers and --rank-batch-size must be >= 1, --num-ans-candidates >= 0")
+        if self.answer_list is not None and not self.answer_list.is_file():
+            raise ValueError(f"--answer-list file not found: {self.answer_list}")
+
+
+class VQATask(GPT2Task):
+    """Visual question answering (VQAv2): answer a question about an image; VQA accuracy, overall and per type."""
+
+    SPECIAL: typing.ClassVar[dict] = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "additional_special_tokens": ["<image>", "<question>", "<answer>"],
+    }
+    VISUAL = "<image>"
+
+    cfg: VQAConfig
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        datasets = image_datasets(self.cfg, data.VQA_VERSION, data.make_embedded_vqa, data.load_vqa)
+        for split, dataset in datasets.items():
+            unanswered = [s["id"] for s in dataset.samples if not s["answers"]]
+            if unanswered and len(unanswered) < len(dataset.samples):
+                raise InputError(f"{split} split: question {unanswered[0]} has no answers while others have")
+        return datasets
+
+    def training_texts(self, train_set: Dataset) -> list[str]:
+        return [t for s in train_set.samples for t in (s["question"], consensus_answer(s["answers"]))]
+
+    def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
+        model = super().build_model(train_set, tokenizer_dir)
+        if self.cfg.inference_method == "rank":
+            self.candidates = self.answer_candidates(train_set)
+            encoded = self.tokenizer(self.candidates, add_special_tokens=False)["input_ids"]
+            answers = [[*a, self.token["<eos>"]] for a in encoded]
+            self.candidate_ids = data.pad(answers, self.token["<pad>"])
+            self.candidate_mask = data.pad([[1] * len(a) for a in answers], 0).bool()
+        return model
+
+    def answer_candidates(self, train_set: Dataset) -> list[str]:
+        if self.cfg.answer_list is None:
+            counts = collections.Counter(consensus_answer(s["answers"]) for s in train_set.samples)
+            return [a for a, _ in counts.most_common(self.cfg.num_answers) if a]  # "a" normalises to nothing
+        answers = data.read_json(self.cfg.answer_list)
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+            raise InputError(f"--answer-list {self.cfg.answer_list}: expected a non-empty JSON list of answers")
+        return answers
+
+    def collate(self, samples: list[dict], train: bool) -> dict:
+        """[image | question <answer> answer <eos>], token types <image>, <question>, <answer>; eval prompts end at
+        <answer>. Training learns the most common of the human answers (normalised)."""
+        tok = self.token
+        questions = self.tokenizer([s["question"] for s in samples], add_special_tokens=False)["input_ids"]
+        answers = [[] for _ in samples]
+        if train:
+            answers = [consensus_answer(s["answers"]) for s in samples]
+            answers = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
+        prompts = []
+        for s, question, answer in zip(samples, questions, answers, strict=True):
+            question = question[: self.max_positions - len(s["features"]) - 2 - max(len(answer), self.cfg.max_len)]
+            prompts.append(([*question, tok["<answer>"]], [tok["<question>"]] * len(question) + [tok["<answer>"]]))
+        batch = self.pack(samples, prompts, answers, train)
+        if not train:
+            batch["answers"] = [s["answers"] for s in samples]
+            batch["answer_types"] = [s["answer_type"] for s in samples]
+        return batch
+
+    def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
+        method = self.generate if self.cfg.inference_method == "generate" else self.rank
+        return [
+            {"id": i, "prediction": p, "answers": a, "answer_type": t}
+            for i, p, a, t in zip(
+                batch["ids"], method(model, batch), batch["answers"], batch["answer_types"], strict=True
+            )
+        ]
+
+    @torch.no_grad()
+    def rank(self, model: nn.Module, batch: dict) -> list[str]:
+        """Shortlists --num-ans-candidates answers per question by their first token's probability after the
+        prompt, then scores each (question, answer) pair in full: the left-padded prompt row followed by the
+        answer's tokens (right-padded, masked), labelled on the answer only; --rank-batch-size pairs per pass."""
+        device = batch["input_ids"].device
+        candidates, candidate_mask = self.candidate_ids.to(device), self.candidate_mask.to(device)
+        n_questions, n_candidates = len(batch["ids"]), len(self.candidates)
+        shortlist = torch.arange(n_candidates, device=device).expand(n_questions, -1)
+        if 0 < self.cfg.num_ans_candidates < n_candidates:
+            first_token = model.run_lm(batch).logits[:, -1].float().log_softmax(-1)[:, candidates[:, 0]]
+            shortlist = first_token.topk(self.cfg.num_ans_candidates, dim=1).indices
+        scores = torch.empty(shortlist.numel(), device=device)
+        for pairs in torch.arange(len(scores), device=device).split(self.cfg.rank_batch_size):
+            question, answer = pairs // shortlist.shape[1], shortlist.flatten()[pairs]
+            prompt = {k: batch[k][question] for k in ("features", "input_ids", "token_type_ids", "attention_mask")}
+            answer_ids, answer_mask = candidates[answer], candidate_mask[answer]
+            rows = {
+                "features": prompt["features"],
+                "input_ids": torch.cat([prompt["input_ids"], answer_ids], 1),
+                "token_type_ids": torch.cat(
+                    [prompt["token_type_ids"], torch.full_like(answer_ids, self.token["<answer>"])], 1
+                ),
+                "attention_mask": torch.cat([prompt["attention_mask"], answer_mask.long()], 1),
+                "is_visual": torch.cat([batch["is_visual"][question], torch.zeros_like(answer_mask)], 1),
+                "visual_index": torch.cat([batch["visual_index"][question], torch.zeros_like(answer_ids)], 1),
+                "labels": torch.cat(
+                    [torch.full_like(prompt["input_ids"], -100), answer_ids.masked_fill(~answer_mask, -100)], 1
+                ),
+            }
+            scores[pairs] = model.log_likelihood(rows).float()
+        best = shortlist.gather(1, scores.view(shortlist.shape).argmax(1, keepdim=True))
+        return [self.candidates[i] for i in best.flatten().tolist()]
+
+    def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
+        if not self.cfg.report_metric or not any(r["answers"] for r in results):
+            return {}  # a split without answers (VQAv2 test-dev): predictions are written, nothing to score
+        metrics = vqa_accuracy(results)
+        metrics["agg_metrics"] = metrics["accuracy"]
+        return metrics
+
+
+# The official VQA accuracy (visualqa.org/evaluation): answers are normalised, then a prediction's accuracy is the
+# mean over the 10 leave-one-annotator-out subsets of min(1, #matching answers / 3). Reported in percent.
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+_PERIOD = re.compile(r"\.(?!\d)")  # what the official `(?!<=\d)(\.)(?!\d)` does: a period not before a digit
+_COMMA_IN_NUMBER = re.compile(r"\d,\d")
+_DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_NUMBER_WORDS = {"none": "0", **{word: str(n) for n, word in enumerate(_DIGITS)}}
+# The official contraction table maps each of these, spelled with exactly one apostrophe left out, to itself.
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
+needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd somebody'd've
+somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's
+there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't
+what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's
+won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()  # noqa: SIM905 (a word list reads better as text)
+_CONTRACTIONS = {word[:i] + word[i + 1 :]: word for word in _CONTRACTED for i, c in enumerate(word) if c == "'"}
+
+
+def normalize_answer(answer: str) -> str:
+    """The official answer processing: punctuation (removed next to a space or in a number like 1,000, else turned
+    into a space), periods not before a digit removed, lower case, number words → digits, articles dropped,
+    contractions given their apostrophe."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    glued = _COMMA_IN_NUMBER.search(text) is not None
+    for p in _PUNCTUATION:
+        text = text.replace(p, "" if (p + " " in answer or " " + p in answer or glued) else " ")
+    words = [_NUMBER_WORDS.get(w, w) for w in _PERIOD.sub("", text).lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def answer_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy of one prediction against the human answers (normalised on both sides)."""
+    prediction = normalize_answer(prediction)
+    matches = [normalize_answer(a) == prediction for a in answers]
+    return sum(min(1.0, (sum(matches) - m) / 3) for m in matches) / len(matches)
+
+
+def vqa_accuracy(results: list[dict]) -> dict[str, float]:
+    """Overall and per answer type ("yes/no" → accuracy_yes_no, ...) accuracy in percent."""
+    by_type = collections.defaultdict(list)
+    for r in results:
+        accuracy = answer_accuracy(r["prediction"], r["answers"])
+        by_type["accuracy"].append(accuracy)
+        if r.get("answer_type"):
+            by_type["accuracy_" + re.sub(r"\W+", "_", r["answer_type"])].append(accuracy)
+    return {name: 100 * sum(values) / len(values) for name, values in by_type.items()}
+
+
+def consensus_answer(answers: list[str]) -> str:
+    """The most common normalised answer (the first one given, on a tie)."""
+    return collections.Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The registry: task name → (task class, default config). Variants are dataclasses.replace of a default.
 
 TASKS: dict[str, tuple[type[BaseTask], TaskConfig]] = {
     "dialogue": (DialogueTask, DialogueConfig()),
+    "captioning": (CaptioningTask, CaptioningConfig()),
+    "vqa": (VQATask, VQAConfig()),
 }
 
 
