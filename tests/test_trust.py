@@ -52,11 +52,11 @@ def env(tmp_path_factory):
     }
 
 
-def train_cmd(env, out: Path, *args, procs: int = 0, restarts: int = 0) -> list[str]:
+def train_cmd(env, out: Path, *args, procs: int = 0, restarts: int = 0, launcher_args=()) -> list[str]:
     launcher = [sys.executable, "train.py"]
     if procs:
         launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={procs}"]
-        launcher += [f"--max-restarts={restarts}", "train.py"]
+        launcher += [f"--max-restarts={restarts}", *launcher_args, "train.py"]
     return [*launcher, "dialogue", *TINY, "--data.root", str(env["root"]), "--output-dir", str(out), *args]
 
 
@@ -213,9 +213,9 @@ def test_two_node_launch_matches_single_node(env, reference):
 # Faults under torchrun: signals to one rank, a rank killed
 
 
-def start_torchrun(env, out: Path, *args) -> subprocess.Popen:
+def start_torchrun(env, out: Path, launcher_args=()) -> subprocess.Popen:
     return subprocess.Popen(
-        train_cmd(env, out, "--batch-size", "4", "--max-steps", "100000", *args, procs=2),
+        train_cmd(env, out, "--batch-size", "4", "--max-steps", "100000", procs=2, launcher_args=launcher_args),
         cwd=ROOT,
         env=env["env"],
         stdout=subprocess.PIPE,
@@ -242,16 +242,29 @@ def worker_pid(launcher: subprocess.Popen, rank: int, out: Path, after_step: int
     raise AssertionError(f"training did not start: {launcher.communicate()[0][-3000:]}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_to_one_rank_saves_and_every_rank_exits_0(env, sig):
-    out = env["base"] / f"preempted-{sig.name}"
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint_and_exit_0(env):
+    out = env["base"] / "preempted-one-rank"
     launcher = start_torchrun(env, out)
-    os.kill(worker_pid(launcher, 1, out, after_step=3), sig)
+    os.kill(worker_pid(launcher, 1, out, after_step=3), signal.SIGTERM)
     output = launcher.communicate(timeout=60)[0]
     assert launcher.returncode == 0, output[-3000:]  # torchrun: every worker exited 0
     stopped_at = max(losses(out))
     assert f"stopped by a signal to another rank after step {stopped_at}" in output
     assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == stopped_at
+
+
+def test_sigusr1_to_torchrun_as_slurm_sends_it_reaches_every_rank(env):
+    """SLURM's `--signal=USR1@T` goes to torchrun; with --signals-to-handle it passes it to the workers, which save
+    and exit 0 (torchrun itself then exits by the signal, as it does for any signal it handles)."""
+    out = env["base"] / "preempted-launcher"
+    launcher = start_torchrun(env, out, ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"])
+    workers = [worker_pid(launcher, rank, out, after_step=3) for rank in (0, 1)]
+    launcher.send_signal(signal.SIGUSR1)
+    output = launcher.communicate(timeout=60)[0]
+    stopped_at = max(losses(out))
+    assert f"stopped by SIGUSR1 after step {stopped_at}" in output, output[-3000:]
+    assert torch.load(out / "ckpt_last.pt", weights_only=True)["step"] == stopped_at
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
 
 
 def test_a_killed_rank_fails_the_whole_job_quickly(env):
