@@ -129,7 +129,10 @@ def find_checkpoint(cfg: TaskConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, task: str) -> dict:
+RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "best", "window", "rng")
+
+
+def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint at all, ...
@@ -137,6 +140,9 @@ def load_checkpoint(path: Path, task: str) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("task") != task:
         other = ckpt.get("task") if isinstance(ckpt, dict) else None
         raise InputError(f"{path} is a checkpoint of task {other!r}, not {task!r}")
+    missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: not a checkpoint this version can use")
     return ckpt
 
 
@@ -382,7 +388,7 @@ def main(argv: list[str]) -> None:
     # Every input is read and checked before anything in the run directory is created, replaced or overwritten.
     run_dir = agree(rank, partial(choose_run_dir, name, cfg))
     ckpt_path = find_checkpoint(cfg, run_dir)
-    ckpt = load_checkpoint(ckpt_path, name) if ckpt_path else None
+    ckpt = load_checkpoint(ckpt_path, name, ("model", "step") if cfg.evaluate else RESUME_KEYS) if ckpt_path else None
     if cfg.evaluate and ckpt is None:
         raise InputError(f"--evaluate: no checkpoint to evaluate in {run_dir}")
     task = TASKS[name][0](cfg)

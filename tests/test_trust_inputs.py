@@ -81,6 +81,11 @@ class Payload:
         return (print, ("code ran while loading a checkpoint",))
 
 
+def incomplete_checkpoint(root: Path) -> str:
+    torch.save({"task": "dialogue", "model": {}, "step": 3}, root / "other.pt")
+    return "{root}/other.pt lacks optimizer, scheduler, best, window, rng"
+
+
 def pickled_code_checkpoint(root: Path) -> str:
     torch.save({"task": "dialogue", "model": {}, "payload": Payload()}, root / "other.pt")
     return "cannot read checkpoint {root}/other.pt: UnpicklingError"
@@ -96,6 +101,7 @@ def pickled_code_checkpoint(root: Path) -> str:
         (empty_split, []),
         (other_task_checkpoint, ["--resume", "{root}/other.pt"]),
         (corrupt_checkpoint, ["--resume", "{root}/other.pt"]),
+        (incomplete_checkpoint, ["--resume", "{root}/other.pt"]),
         (pickled_code_checkpoint, ["--resume", "{root}/other.pt"]),
     ],
 )
@@ -194,7 +200,7 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint_readable_and_retention_keep
         train.save_checkpoint(state(2), tmp_path, is_best=True, keep_last=2)
     cfg = mock.Mock(resume="auto")
     last = train.find_checkpoint(cfg, tmp_path)
-    assert train.load_checkpoint(last, "dialogue")["step"] == 1
+    assert train.load_checkpoint(last, "dialogue", needs=("step",))["step"] == 1
 
     for step, best in [(2, False), (3, True), (4, False), (5, False), (6, False)]:
         train.save_checkpoint(state(step), tmp_path, is_best=best, keep_last=2)
@@ -203,5 +209,5 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint_readable_and_retention_keep
         "ckpt_step00000005.pt",
         "ckpt_step00000006.pt",
     ]
-    assert train.load_checkpoint(tmp_path / "ckpt_best.pt", "dialogue")["step"] == 3
-    assert train.load_checkpoint(train.find_checkpoint(cfg, tmp_path), "dialogue")["step"] == 6
+    assert train.load_checkpoint(tmp_path / "ckpt_best.pt", "dialogue", needs=("step",))["step"] == 3
+    assert train.load_checkpoint(train.find_checkpoint(cfg, tmp_path), "dialogue", needs=("step",))["step"] == 6
