@@ -212,10 +212,12 @@ def set_rng_state(state: dict) -> None:
 class Logger:
     """metrics.jsonl (one JSON object per event, with `step`) and wandb, both from rank 0 only."""
 
-    def __init__(self, cfg: TaskConfig, task: str, run_dir: Path, rank: int, wandb_id: str | None, resumed_step: int):
+    def __init__(
+        self, cfg: TaskConfig, task: str, run_dir: Path, rank: int, wandb_id: str | None, resumed_step: int | None
+    ):
         self.enabled = rank == 0
         path = run_dir / "metrics.jsonl"
-        if self.enabled and path.is_file():
+        if self.enabled and resumed_step is not None and path.is_file():
             # Steps after the checkpoint being resumed will be run (and logged) again: drop their old lines, so
             # metrics.jsonl reads as if the run had never been interrupted.
             kept = [
@@ -428,7 +430,8 @@ def main(argv: list[str]) -> None:
     def move(batch: dict) -> dict:
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    logger = Logger(cfg, name, run_dir, rank, ckpt.get("wandb_id") if ckpt else None, ckpt["step"] if ckpt else 0)
+    resumed_step = None if cfg.evaluate else ckpt["step"] if ckpt else 0  # training continues after this step
+    logger = Logger(cfg, name, run_dir, rank, ckpt.get("wandb_id") if ckpt else None, resumed_step)
 
     def evaluate(split: str, step: int) -> dict[str, float]:
         """Every rank generates on its shard; rank 0 scores, writes results, logs; all ranks get the metrics."""
