@@ -100,6 +100,14 @@ class TaskConfig:
     """Gradient clipping norm; 0 turns clipping off."""
     eval_every: int = 0
     """Evaluate and checkpoint every N steps; 0: at the end of every epoch."""
+    save_every: int = 0
+    """Also checkpoint (without evaluating) every N steps, so a preempted run loses little; 0: only when evaluating."""
+    keep_last: int = 2
+    """Step checkpoints kept on disk: the newest N, plus the best one."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """Non-finite loss: `stop` the run naming the step (nothing after it is saved), or `skip` that step's update."""
+    dist_timeout: int = 600
+    """Seconds a collective waits for the other ranks before the run fails (a hung rank must not hang the job)."""
     log_every: int = 10
     """Log training metrics every N steps."""
     bf16: bool = True
@@ -114,9 +122,13 @@ class TaskConfig:
 
     def __post_init__(self):
         positive = ["max_steps", "max_epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"]
+        positive += ["keep_last", "dist_timeout"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ["eval_every", "save_every"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.evaluate and self.resume is None:
             raise ValueError("--evaluate needs a checkpoint: pass --resume PATH (or --resume auto with --output-dir)")
         if self.resume == "auto" and self.output_dir is None:

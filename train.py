@@ -7,13 +7,17 @@ that trains, evaluates, logs and checkpoints. Everything a task decides lives in
 import json
 import math
 import os
+import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -57,31 +61,58 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 # Run directory, checkpoints, logging
 
 
-def prepare_run_dir(task: str, cfg: TaskConfig, rank: int) -> Path:
-    """Decide the run directory (same on every rank) and, on rank 0, write config.yaml into it. A directory that
-    already holds a run is refused unless resuming it or --overwrite is given: nothing is silently replaced."""
+def agree(rank: int, decide):
+    """Run `decide()` on rank 0 and return its result on every rank; an InputError it raises is raised on every
+    rank, so bad input stops all ranks with the same message instead of leaving the others waiting at a collective."""
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = (True, decide())
+        except InputError as e:
+            outcome = (False, str(e))
+    if dist.is_initialized():
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        outcome = box[0]
+    if not outcome[0]:
+        raise InputError(outcome[1])
+    return outcome[1]
+
+
+def choose_run_dir(task: str, cfg: TaskConfig) -> Path:
+    """The run directory. One that already holds a run is refused unless resuming it (same task) or --overwrite is
+    given. Only checks: nothing is created or removed before the data and checkpoint have been read (start_run)."""
     import yaml
 
     run_dir = cfg.output_dir or Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if dist.is_initialized():  # rank 0's clock decides the default name
-        box = [run_dir]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = box[0]
-    if rank == 0:
-        held = (run_dir / "config.yaml").is_file()
-        if held and cfg.overwrite and cfg.resume is None:
-            shutil.rmtree(run_dir)
-        elif held and cfg.resume is None:
-            raise InputError(
-                f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to "
-                "replace it, or another --output-dir"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.evaluate:
-            saved = {"task": task, **config_to_dict(cfg)}
-            saved.update(output_dir=str(run_dir), resume=None, config=None, overwrite=False)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    held = run_dir / "config.yaml"
+    if held.is_file() and cfg.resume is None and not cfg.overwrite:
+        raise InputError(
+            f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to "
+            "replace it, or another --output-dir"
+        )
+    if held.is_file() and cfg.resume is not None:
+        try:
+            held_task = (yaml.safe_load(held.read_text()) or {}).get("task")
+        except (yaml.YAMLError, AttributeError):
+            held_task = None
+        if held_task != task:
+            raise InputError(f"{run_dir} holds a run of task {held_task!r}, not {task!r}: it cannot be resumed as one")
     return run_dir
+
+
+def start_run(run_dir: Path, task: str, cfg: TaskConfig) -> None:
+    """Rank 0, once the inputs are known to be good: replace the old run (--overwrite), create the directory and
+    write config.yaml, the resolved config that `--config RUN/config.yaml` reruns."""
+    import yaml
+
+    if cfg.overwrite and cfg.resume is None and (run_dir / "config.yaml").is_file():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.evaluate:
+        saved = {"task": task, **config_to_dict(cfg)}
+        saved.update(output_dir=str(run_dir), resume=None, config=None, overwrite=False)
+        write_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(saved, sort_keys=False)))
 
 
 def find_checkpoint(cfg: TaskConfig, run_dir: Path) -> Path | None:
@@ -89,14 +120,19 @@ def find_checkpoint(cfg: TaskConfig, run_dir: Path) -> Path | None:
         return None
     if cfg.resume == "auto":
         last = run_dir / "ckpt_last.pt"
-        return last if last.is_file() else None
+        if last.is_symlink() and not last.exists():
+            raise InputError(f"{last} points to {os.readlink(last)}, which is missing")
+        return last if last.exists() else None
     path = Path(cfg.resume)
     if not path.is_file():
         raise InputError(f"--resume checkpoint not found: {path}")
     return path
 
 
-def load_checkpoint(path: Path, task: str) -> dict:
+RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "best", "window", "rng")
+
+
+def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint at all, ...
@@ -104,22 +140,93 @@ def load_checkpoint(path: Path, task: str) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("task") != task:
         other = ckpt.get("task") if isinstance(ckpt, dict) else None
         raise InputError(f"{path} is a checkpoint of task {other!r}, not {task!r}")
+    missing = [k for k in needs if k not in ckpt]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: not a checkpoint this version can use")
     return ckpt
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Atomic: a crash mid-save leaves the previous file intact, never a half-written one under the real name."""
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp)` then rename over `path`: a crash (even SIGKILL or power loss) leaves the old file or the new one,
+    never a half-written one under the real name."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def point(link: Path, target: str) -> None:
+    """Atomically make `link` a relative symlink to `target` (a file beside it)."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(state: dict, run_dir: Path, is_best: bool, keep_last: int) -> None:
+    """ckpt_step{N}.pt, then the ckpt_last.pt (and ckpt_best.pt) symlinks move to it: they only ever point to a
+    complete file, so `--resume auto` never picks a checkpoint it cannot read. Keeps the newest `keep_last` step
+    checkpoints plus the best one."""
+    path = run_dir / f"ckpt_step{state['step']:08d}.pt"
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    fd = os.open(run_dir, os.O_RDONLY)  # the rename itself must be on disk before a pointer names the file
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    point(run_dir / "ckpt_last.pt", path.name)
+    if is_best:
+        point(run_dir / "ckpt_best.pt", path.name)
+    best = run_dir / "ckpt_best.pt"
+    kept = {best.resolve().name} if best.exists() else set()
+    for old in sorted(run_dir.glob("ckpt_step*.pt"))[:-keep_last]:
+        if old.name not in kept:
+            old.unlink()
+
+
+def rng_state() -> dict:
+    """This process's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, lists, numbers)."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt_state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class Logger:
     """metrics.jsonl (one JSON object per event, with `step`) and wandb, both from rank 0 only."""
 
-    def __init__(self, cfg: TaskConfig, task: str, run_dir: Path, rank: int, wandb_id: str | None):
+    def __init__(
+        self, cfg: TaskConfig, task: str, run_dir: Path, rank: int, wandb_id: str | None, resumed_step: int | None
+    ):
         self.enabled = rank == 0
-        self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None  # noqa: SIM115
+        path = run_dir / "metrics.jsonl"
+        if self.enabled and resumed_step is not None and path.is_file():
+            # Steps after the checkpoint being resumed will be run (and logged) again: drop their old lines, so
+            # metrics.jsonl reads as if the run had never been interrupted.
+            kept = [
+                line
+                for line in path.read_text().splitlines(True)
+                if line.endswith("\n") and json.loads(line)["step"] <= resumed_step
+            ]
+            write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
+        self.file = open(path, "a") if self.enabled else None  # noqa: SIM115
         self.wandb = init_wandb(cfg, task, run_dir, wandb_id) if self.enabled else None
 
     def log(self, step: int, metrics: dict) -> None:
@@ -210,34 +317,87 @@ def lr_factor(step: int, cfg: TaskConfig, total_steps: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Faults: stop signals, flags every rank acts on together, the test hook
+
+
+class StepFlags:
+    """Per-step decisions every rank must take together — stop (a SIGTERM/SIGUSR1 reached some rank) and non-finite
+    loss — ride on the all-reduced step statistics, so all ranks hold the same values. Reading them on the host would
+    cost a sync per step on GPU; instead the flags of step t are copied to the host asynchronously and read once step
+    t+1 has been queued (`read(wait=False)` keeps the newest step pending), or all at once at a sync point."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending = []  # (step, host tensor, copy-done event)
+
+    def push(self, step: int, flags: torch.Tensor) -> None:
+        host = torch.empty(flags.shape, pin_memory=self.cuda)
+        host.copy_(flags, non_blocking=self.cuda)
+        event = torch.cuda.Event() if self.cuda else None
+        if event is not None:
+            event.record()
+        self.pending.append((step, host, event))
+
+    def read(self, wait: bool) -> list[tuple[int, list[float]]]:
+        ready = []
+        while len(self.pending) > (0 if wait else 1):
+            step, host, event = self.pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            ready.append((step, host.tolist()))
+        return ready
+
+
+def inject_fault(step: int, rank: int) -> None:
+    """Test hook: VLTASKS_INJECT_FAULT=kill|raise:STEP:RANK makes that rank SIGKILL itself or raise after STEP, in the
+    first attempt only (torchrun --max-restarts restarts must then run through). Unset, it does nothing."""
+    spec = os.environ.get("VLTASKS_INJECT_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    how, at_step, at_rank = spec.split(":")
+    if step == int(at_step) and rank == int(at_rank):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"VLTASKS_INJECT_FAULT: rank {rank} fails after step {step}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 
 
 def main(argv: list[str]) -> None:
     name, cfg = parse_config(argv)
 
-    # Distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one plain process.
+    # Distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one plain process. A rank
+    # that dies makes the others fail at their next collective (at once when its sockets close, else after
+    # --dist-timeout), and torchrun stops the rest: the job fails instead of hanging.
     distributed = "RANK" in os.environ
     if distributed:
         local_rank = int(os.environ["LOCAL_RANK"])
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = timedelta(seconds=cfg.dist_timeout)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix the new workers
+        # find the dead ones' addresses there and fail to connect.
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else nullcontext()
 
-    run_dir = prepare_run_dir(name, cfg, rank)
-    if distributed:
-        dist.barrier()  # rank 0 has checked and created the run dir
+    # Every input is read and checked before anything in the run directory is created, replaced or overwritten.
+    run_dir = agree(rank, partial(choose_run_dir, name, cfg))
     ckpt_path = find_checkpoint(cfg, run_dir)
-    ckpt = load_checkpoint(ckpt_path, name) if ckpt_path else None
+    ckpt = load_checkpoint(ckpt_path, name, ("model", "step") if cfg.evaluate else RESUME_KEYS) if ckpt_path else None
     if cfg.evaluate and ckpt is None:
         raise InputError(f"--evaluate: no checkpoint to evaluate in {run_dir}")
-
-    torch.manual_seed(cfg.seed)
     task = TASKS[name][0](cfg)
     datasets = task.build_datasets()
+    agree(rank, partial(start_run, run_dir, name, cfg))
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer_dir = (ckpt_path.parent if ckpt_path else run_dir) / "tokenizer"
     model = task.build_model(datasets["train"], tokenizer_dir).to(device)
     if ckpt:
@@ -245,6 +405,10 @@ def main(argv: list[str]) -> None:
     raw_model = model
     if distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # From here on each rank draws its own random numbers (dropout): identical masks on every rank would correlate.
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
 
     def loader(split: str, train: bool) -> DataLoader:
         dataset = datasets[split]
@@ -258,12 +422,16 @@ def main(argv: list[str]) -> None:
             drop_last=train,
             pin_memory=device.type == "cuda",
             persistent_workers=train and cfg.data.num_workers > 0,
+            # Its own generator (worker seeds): starting an iterator must not draw from the global RNG, or where a
+            # run was resumed would change its dropout masks.
+            generator=torch.Generator().manual_seed(cfg.seed + rank),
         )
 
     def move(batch: dict) -> dict:
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    logger = Logger(cfg, name, run_dir, rank, ckpt.get("wandb_id") if ckpt else None)
+    resumed_step = None if cfg.evaluate else ckpt["step"] if ckpt else 0  # training continues after this step
+    logger = Logger(cfg, name, run_dir, rank, ckpt.get("wandb_id") if ckpt else None, resumed_step)
 
     def evaluate(split: str, step: int) -> dict[str, float]:
         """Every rank generates on its shard; rank 0 scores, writes results, logs; all ranks get the metrics."""
@@ -299,14 +467,22 @@ def main(argv: list[str]) -> None:
     total_steps = min(cfg.max_steps, cfg.max_epochs * steps_per_epoch)
     optimizer = build_optimizer(raw_model, cfg, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, total_steps=total_steps))
+    # Running sums on the device, read (one host sync) only every --log-every steps: loss, count, tokens, samples.
+    window = torch.zeros(4, device=device)
     step, best = 0, None
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, best = ckpt["step"], ckpt["best"]
+        window.copy_(ckpt["window"])
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank])
+        elif rank == 0:
+            print(f"warning: resuming {len(ckpt['rng'])} rank(s) on {world}: random draws will differ", flush=True)
     wandb_id = logger.wandb.id if logger.wandb is not None else None
 
     def checkpoint(metrics: dict[str, float]) -> None:
+        """Every rank: the RNG states are gathered to rank 0, which saves. `metrics` empty: no evaluation ran."""
         nonlocal best
         value = metrics.get(cfg.best_metric)
         improved = (
@@ -316,6 +492,10 @@ def main(argv: list[str]) -> None:
         )
         if improved:
             best = value
+        rng = [rng_state()]
+        if distributed:
+            rng = [None] * world if rank == 0 else None
+            dist.gather_object(rng_state(), rng, dst=0)
         if rank == 0:
             state = {
                 "task": name,
@@ -324,35 +504,48 @@ def main(argv: list[str]) -> None:
                 "scheduler": scheduler.state_dict(),
                 "step": step,
                 "best": best,
+                "window": window.cpu(),
+                "rng": rng,
                 "wandb_id": wandb_id,
                 "config": config_to_dict(cfg) | {"output_dir": str(run_dir)},
             }
-            save_checkpoint(state, run_dir / "ckpt_last.pt")
-            if improved:
-                shutil.copyfile(run_dir / "ckpt_last.pt", run_dir / "ckpt_best.pt.tmp")
-                os.replace(run_dir / "ckpt_best.pt.tmp", run_dir / "ckpt_best.pt")
+            save_checkpoint(state, run_dir, improved, cfg.keep_last)
+
+    # SIGTERM/SIGUSR1 (preemption; SLURM's warning signal) only raise a flag: the step in flight finishes, then every
+    # rank saves and exits 0 at the same step (the flag is all-reduced with the step statistics).
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
 
     if rank == 0:
         print(
             f"run dir {run_dir} | {world} rank(s) on {device} | {steps_per_epoch} steps/epoch, "
-            f"{total_steps} steps | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters",
+            f"{total_steps} steps | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters"
+            + (f" | resumed at step {step}" if ckpt else ""),
             flush=True,
         )
     from tqdm import tqdm
 
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     model.train()
-    # Running sums on the device, read (one host sync) only every --log-every steps: loss, count, tokens, samples.
-    window = torch.zeros(4, device=device)
     window_start = time.perf_counter()
     metrics = {}
-    while step < total_steps:
+    flags = StepFlags(device)
+    stopping = False
+    grad_norm = torch.zeros((), device=device)  # logged as is if the first steps are all skipped (--nan-policy skip)
+    while step < total_steps and not stopping:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         train_loader.sampler.set_epoch(epoch)
         train_loader.sampler.skip = done_in_epoch * cfg.grad_accum * cfg.batch_size
+        train_loader.generator.manual_seed(cfg.seed + rank + 1000 * epoch)  # worker seeds: a function of the epoch
         batches = iter(train_loader)
         for _ in range(done_in_epoch, steps_per_epoch):
-            stats = torch.zeros(4, device=device)
+            # loss sum, loss count, tokens, samples, and this rank's stop flag
+            stats = torch.zeros(5, device=device)
             for micro in range(cfg.grad_accum):
                 batch = move(next(batches))
                 # Gradients are all-reduced only on the last micro-batch of the step.
@@ -361,7 +554,7 @@ def main(argv: list[str]) -> None:
                     loss_sum, count = task.train_step(model, batch)
                 loss_sum.backward()
                 tokens = batch["attention_mask"].sum() if "attention_mask" in batch else count
-                stats += torch.stack(
+                stats[:4] += torch.stack(
                     [
                         loss_sum.detach().float(),
                         count.float(),
@@ -369,43 +562,78 @@ def main(argv: list[str]) -> None:
                         torch.tensor(float(len(batch["ids"])), device=device),
                     ]
                 )
+            stats[4] = float(bool(stop_signal))
             if distributed:
                 dist.all_reduce(stats)
-            # Gradients hold sum(loss) (DDP: averaged over ranks); make them the mean over the global batch.
-            grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, world / stats[1].clamp(min=1))
-            if cfg.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            nonfinite = ~torch.isfinite(stats[0])
+            step += 1
+            if cfg.nan_policy == "skip" and nonfinite.item():  # decided before the update: a host sync per step
+                if rank == 0:
+                    print(f"step {step}: non-finite loss, update skipped (--nan-policy skip)", flush=True)
+            else:
+                # Gradients hold sum(loss) (DDP: averaged over ranks); make them the mean over the global batch.
+                grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+                torch._foreach_mul_(grads, world / stats[1].clamp(min=1))
+                if cfg.max_grad_norm > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                window += stats[:4]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window += stats
             progress.update()
 
-            if step % cfg.log_every == 0 or step == total_steps:
+            log_now = step % cfg.log_every == 0 or step == total_steps
+            end_of_epoch = step % steps_per_epoch == 0 and cfg.eval_every == 0
+            eval_now = end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
+            save_now = eval_now or (cfg.save_every and step % cfg.save_every == 0)
+            flags.push(step, torch.stack([nonfinite.float(), stats[4]]))
+            for flagged_step, (flag_nonfinite, flag_stop) in flags.read(wait=log_now or save_now):
+                if flag_nonfinite and cfg.nan_policy == "stop":
+                    if rank == 0:
+                        print(
+                            f"error: non-finite loss at step {flagged_step}: run stopped, nothing after step "
+                            f"{flagged_step - 1} saved (lower --lr, or --nan-policy skip)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    sys.exit(1)
+                stopping |= flag_stop > 0
+
+            if log_now:
                 loss_total, count_total, tokens_total, samples_total = window.tolist()
                 elapsed = time.perf_counter() - window_start
                 metrics = {
-                    "train/loss": loss_total / max(count_total, 1),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/epoch": step / steps_per_epoch,
                     "train/samples_per_s": samples_total / elapsed,
                     "train/tokens_per_s": tokens_total / elapsed,
                 }
+                if count_total > 0:  # else every step since the last log was skipped (--nan-policy skip)
+                    metrics["train/loss"] = loss_total / count_total
+                    progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
                 if cfg.max_grad_norm > 0:
                     metrics["train/grad_norm"] = grad_norm.item()
                 logger.log(step, metrics)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
                 window.zero_()
                 window_start = time.perf_counter()
-            end_of_epoch = step % steps_per_epoch == 0 and cfg.eval_every == 0
-            if end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps:
+            if eval_now:
                 checkpoint(evaluate("val", step))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
-            if step == total_steps:
+            elif save_now or stopping:
+                checkpoint({})
+            inject_fault(step, rank)
+            if step == total_steps or stopping:
                 break
     progress.close()
+    if stopping:
+        if rank == 0:
+            print(
+                f"stopped by {stop_signal[0] if stop_signal else 'a signal to another rank'} after step {step}; "
+                f"checkpoint saved: continue with --resume auto --output-dir {run_dir}",
+                flush=True,
+            )
+        logger.close()
+        return
 
     # The test split is scored with the best checkpoint's weights (the last ones if no metric ever improved).
     if "test" in datasets:
