@@ -196,7 +196,7 @@ _SMALL_TALK = [
     ("does anything else happen?", "not really."),
     ("is the video blurry?", "a little at the start."),
 ]
-EMBEDDED_SPLITS = {"train": 480, "val": 40, "test": 40}
+EMBEDDED_SPLITS = {"train": 240, "val": 40, "test": 40}
 EMBEDDED_VERSION = "avsd-embedded-v5"
 
 
