@@ -4,7 +4,7 @@
 the default runs with no download; set, it is a hub name or a local directory for `from_pretrained`.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,25 @@ def load_tokenizer(name: str | Path, special_tokens: dict):
     tok = AutoTokenizer.from_pretrained(str(name))
     tok.add_special_tokens(special_tokens)
     return tok
+
+
+def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, special_tokens: dict, texts: Callable[[], Iterable[str]]):
+    """The run's tokenizer: pretrained (`cfg.name`), the one saved in `tokenizer_dir` (a resumed run), or a BPE
+    trained on `texts()` with the special tokens. Saved into `tokenizer_dir` (by rank 0) if it is not there yet."""
+    import torch.distributed as dist
+
+    if cfg.name is not None:
+        tokenizer = load_tokenizer(cfg.name, special_tokens)
+    elif (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(tokenizer_dir, special_tokens)
+    else:
+        specials = [v for v in special_tokens.values() if isinstance(v, str)]
+        specials += special_tokens.get("additional_special_tokens", [])
+        tokenizer = train_tokenizer(texts(), cfg.vocab_size, specials)
+        tokenizer.add_special_tokens(special_tokens)
+    if not (tokenizer_dir / "tokenizer.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
+        tokenizer.save_pretrained(tokenizer_dir)
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -194,15 +194,20 @@ class BaseTask:
         results = []
         for batch in loader:
             results += self.valid_step(model, move(batch))
-        if dist.is_initialized():
-            shards = [None] * dist.get_world_size()
-            dist.all_gather_object(shards, results)
-            results = [r for shard in shards for r in shard]
-        return sorted({r["id"]: r for r in results}.values(), key=lambda r: r["id"])
+        return gather_results(results)
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
         """Results → metrics (rank 0 only). Must include the config's `best_metric` when metrics are reported."""
         raise NotImplementedError
+
+
+def gather_results(results: list[dict]) -> list[dict]:
+    """Every rank's results on every rank, de-duplicated by `id` and sorted by it."""
+    if dist.is_initialized():
+        shards = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, results)
+        results = [r for shard in shards for r in shard]
+    return sorted({r["id"]: r for r in results}.values(), key=lambda r: r["id"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,17 +279,9 @@ class GPT2Task(BaseTask):
         import models
 
         cfg = self.cfg.model
-        if cfg.name is not None:
-            self.tokenizer = models.load_tokenizer(cfg.name, self.SPECIAL)
-        elif (tokenizer_dir / "tokenizer.json").is_file():
-            self.tokenizer = models.load_tokenizer(tokenizer_dir, self.SPECIAL)
-        else:
-            specials = [self.SPECIAL[k] for k in ("bos_token", "eos_token", "pad_token")]
-            specials += self.SPECIAL["additional_special_tokens"]
-            self.tokenizer = models.train_tokenizer(self.training_texts(train_set), cfg.vocab_size, specials)
-            self.tokenizer.add_special_tokens(self.SPECIAL)
-        if not (tokenizer_dir / "tokenizer.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
-            self.tokenizer.save_pretrained(tokenizer_dir)
+        self.tokenizer = models.build_tokenizer(
+            cfg, tokenizer_dir, self.SPECIAL, lambda: self.training_texts(train_set)
+        )
         self.token = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
         lm = models.build_gpt2(cfg, self.tokenizer)
         self.max_positions = lm.config.n_positions
