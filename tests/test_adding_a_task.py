@@ -6,7 +6,8 @@ import shutil
 import subprocess
 import sys
 
-from helpers import ROOT, private_environment, read_metrics, run_train  # noqa: F401 (fixture)
+from conftest import ROOT
+from helpers import read_metrics, train_ok
 
 
 def blocks(markdown: str, language: str) -> list[str]:
@@ -40,7 +41,7 @@ def test_the_guide_adds_a_task_with_one_edit_and_a_preset(tmp_path):
     (command,) = [line for block in blocks(guide, "bash") for line in block.splitlines() if "train.py" in line]
     args = command.split()[2:]  # after `python train.py`
     run = tmp_path / "run"
-    run_train([*args, "--output-dir", run, "--data.num-workers", 0], cwd=project)
+    train_ok([*args, "--output-dir", run, "--data.num-workers", 0], cwd=project)
     metrics = read_metrics(run)
     val = [m["val/accuracy"] for m in metrics if "val/accuracy" in m]
     test = [m["test/accuracy"] for m in metrics if "test/accuracy" in m]

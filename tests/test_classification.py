@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import private_environment, read_metrics, run_train, untrained_metrics  # noqa: F401 (fixture)
+from conftest import ROOT
+from helpers import read_metrics, train_ok, untrained_metrics
 
 import tasks
 from data import InputError
@@ -100,7 +101,7 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
 def test_learns_and_needs_the_right_features(tmp_path):
     before = untrained_metrics("classification", tmp_path)
     run = tmp_path / "run"
-    run_train(
+    train_ok(
         [
             "classification",
             "--output-dir",
@@ -120,7 +121,7 @@ def test_learns_and_needs_the_right_features(tmp_path):
     assert before["accuracy"] < 45 and after > 65, (before, val)
     shuffled = tmp_path / "shuffled"
     args = ["--evaluate", "--resume", run / "ckpt_best.pt", "--output-dir", shuffled, "--data.shuffle-features"]
-    run_train(["classification", *args, "--data.num-workers", 0])
+    train_ok(["classification", *args, "--data.num-workers", 0])
     (ablated,) = [m for m in read_metrics(shuffled) if "val/accuracy" in m]
     assert ablated["val/accuracy"] < 50, ablated
     print(
@@ -130,7 +131,5 @@ def test_learns_and_needs_the_right_features(tmp_path):
 
 
 def test_preset_loads():
-    from helpers import ROOT
-
     cfg = tasks.load_preset(ROOT / "configs" / "snli_ve.yaml", "classification", tasks.ClassificationConfig())
     assert cfg.model.name == "bert-base-uncased" and cfg.lr == 2e-5 and cfg.max_epochs == 10

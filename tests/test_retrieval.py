@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import private_environment, read_metrics, run_train, untrained_metrics  # noqa: F401 (fixture)
+from conftest import ROOT, free_port
+from helpers import read_metrics, train_ok, untrained_metrics
 
 import tasks
 from data import InputError
@@ -149,14 +150,14 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
 def test_learns_and_needs_the_right_features(tmp_path):
     before = untrained_metrics("retrieval", tmp_path)
     run = tmp_path / "run"
-    run_train(["retrieval", "--output-dir", run, "--max-steps", 100, "--batch-size", 32, "--data.num-workers", 0])
+    train_ok(["retrieval", "--output-dir", run, "--max-steps", 100, "--batch-size", 32, "--data.num-workers", 0])
     val = [m for m in read_metrics(run) if "val/r_mean" in m]
     after = max(m["val/r_mean"] for m in val)
     assert before["r_mean"] < 35 and after > 85, (before, val)
     # Same checkpoint, every image given another image's features: back near chance.
     shuffled = tmp_path / "shuffled"
     args = ["--evaluate", "--resume", run / "ckpt_best.pt", "--output-dir", shuffled, "--data.shuffle-features"]
-    run_train(["retrieval", *args, "--data.num-workers", 0])
+    train_ok(["retrieval", *args, "--data.num-workers", 0])
     (ablated,) = [m for m in read_metrics(shuffled) if "val/r_mean" in m]
     assert ablated["val/r_mean"] < 35, ablated
     print(
@@ -170,8 +171,8 @@ def test_two_ranks_match_one_rank(tmp_path):
     samples out to the two ranks, so the loss over the gathered embeddings, the gradient norm (logged before
     clipping) and, after the updates, the next steps' losses and the sharded evaluation must all agree."""
     common = ["--max-steps", 4, "--log-every", 1, "--model.dropout", 0, "--data.num-workers", 0, "--warmup-steps", 0]
-    run_train(["retrieval", "--output-dir", tmp_path / "one", "--batch-size", 16, *common])
-    run_train(["retrieval", "--output-dir", tmp_path / "two", "--batch-size", 8, *common], nproc=2)
+    train_ok(["retrieval", "--output-dir", tmp_path / "one", "--batch-size", 16, *common])
+    train_ok(["retrieval", "--output-dir", tmp_path / "two", "--batch-size", 8, *common], nproc=2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     worst = 0.0
     for a, b in zip(one, two, strict=True):
@@ -231,8 +232,6 @@ def test_gathered_loss_gradients_match_one_rank(tmp_path):
     import subprocess
     import sys
 
-    from helpers import ROOT, free_port
-
     script = tmp_path / "grads.py"
     script.write_text(GRADIENT_SCRIPT)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
@@ -252,7 +251,5 @@ def test_gathered_loss_gradients_match_one_rank(tmp_path):
 
 @pytest.mark.parametrize("preset", ["retrieval_coco", "retrieval_flickr"])
 def test_presets_load(preset):
-    from helpers import ROOT
-
     cfg = tasks.load_preset(ROOT / "configs" / f"{preset}.yaml", "retrieval", tasks.RetrievalConfig())
     assert cfg.model.name == "bert-base-uncased" and cfg.max_epochs == 6 and cfg.batch_size == 32
