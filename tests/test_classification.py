@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_train
 from helpers import read_metrics, train_ok, untrained_metrics
 
 import tasks
@@ -133,3 +133,13 @@ def test_learns_and_needs_the_right_features(tmp_path):
 def test_preset_loads():
     cfg = tasks.load_preset(ROOT / "configs" / "snli_ve.yaml", "classification", tasks.ClassificationConfig())
     assert cfg.model.name == "bert-base-uncased" and cfg.lr == 2e-5 and cfg.max_epochs == 10
+
+
+def test_bad_data_root_is_one_clear_error(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "features").mkdir()
+    done = run_train(["classification", "--data.root", tmp_path, "--output-dir", tmp_path / "run"])
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip().splitlines()[-1] == f"error: annotation file not found: {tmp_path}/annotations/train.json"
+    )
