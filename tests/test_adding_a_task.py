@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 from helpers import read_metrics, train_ok
 
@@ -14,6 +15,7 @@ def blocks(markdown: str, language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", markdown, flags=re.S | re.M)
 
 
+@pytest.mark.slow
 def test_the_guide_adds_a_task_with_one_edit_and_a_preset(tmp_path):
     project = tmp_path / "project"
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout

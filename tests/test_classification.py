@@ -98,6 +98,7 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
     assert len(task.valid_step(model.eval(), task.collate([datasets["val"][0]], train=False))) == 1
 
 
+@pytest.mark.slow
 def test_learns_and_needs_the_right_features(tmp_path):
     before = untrained_metrics("classification", tmp_path)
     run = tmp_path / "run"

@@ -147,6 +147,7 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
     loss.backward()
 
 
+@pytest.mark.slow
 def test_learns_and_needs_the_right_features(tmp_path):
     before = untrained_metrics("retrieval", tmp_path)
     run = tmp_path / "run"
@@ -166,6 +167,7 @@ def test_learns_and_needs_the_right_features(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(tmp_path):
     """Per-rank batch 8 on 2 ranks == batch 16 on one, through train.py: DistributedSampler deals the same 16
     samples out to the two ranks, so the loss over the gathered embeddings, the gradient norm (logged before
@@ -226,6 +228,7 @@ if rank == 0:
 """
 
 
+@pytest.mark.slow
 def test_gathered_loss_gradients_match_one_rank(tmp_path):
     """The exact gradients, parameter by parameter: with the differentiable gather, DDP's mean and the loop's
     x world / global count, 2 ranks of 8 give the gradient of one process on all 16 (1e-5)."""
