@@ -4,7 +4,8 @@
 the default runs with no download; set, it is a hub name or a local directory for `from_pretrained`.
 """
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,25 @@ def load_tokenizer(name: str | Path, special_tokens: dict):
     tok = AutoTokenizer.from_pretrained(str(name))
     tok.add_special_tokens(special_tokens)
     return tok
+
+
+def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, special_tokens: dict, texts: Callable[[], Iterable[str]]):
+    """The run's tokenizer: pretrained (`cfg.name`), the one saved in `tokenizer_dir` (a resumed run), or a BPE
+    trained on `texts()` with the special tokens. Saved into `tokenizer_dir` (by rank 0) if it is not there yet."""
+    import torch.distributed as dist
+
+    if cfg.name is not None:
+        tokenizer = load_tokenizer(cfg.name, special_tokens)
+    elif (tokenizer_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(tokenizer_dir, special_tokens)
+    else:
+        specials = [v for v in special_tokens.values() if isinstance(v, str)]
+        specials += special_tokens.get("additional_special_tokens", [])
+        tokenizer = train_tokenizer(texts(), cfg.vocab_size, specials)
+        tokenizer.add_special_tokens(special_tokens)
+    if not (tokenizer_dir / "tokenizer.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
+        tokenizer.save_pretrained(tokenizer_dir)
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,3 +205,94 @@ def build_gpt2(cfg: ModelConfig, tokenizer):
     lm = GPT2LMHeadModel(config)
     lm.generation_config.update(**ids)
     return lm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BERT-like text encoder with image features (retrieval, classification)
+
+
+def build_text_encoder(cfg: ModelConfig, tokenizer):
+    """BertModel: pretrained from `cfg.name` (embeddings resized for added tokens) or small from a config. No
+    pooler: the tasks read the [CLS] state themselves, and an unused pooler would leave DDP with gradless weights."""
+    from transformers import BertConfig, BertModel
+
+    if cfg.name is not None:
+        encoder = BertModel.from_pretrained(cfg.name, add_pooling_layer=False)
+        encoder.resize_token_embeddings(len(tokenizer))
+        return encoder
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=4 * cfg.n_embd,
+        max_position_embeddings=cfg.n_positions,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        pad_token_id=tokenizer.pad_token_id,
+        # BERT's 0.02 suits width 768; at a small width the model sits on a loss plateau for hundreds of steps
+        # (embedded SNLI-VE: chance accuracy after 300 steps, against 96% after 100 with 1/sqrt(width)).
+        initializer_range=cfg.n_embd**-0.5,
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real positions: (B, T, D), (B, T) bool → (B, D)."""
+    mask = mask.unsqueeze(-1).to(x.dtype)
+    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class DualEncoder(nn.Module):
+    """Image and text embedded separately into one normalised space (retrieval). Images: every region projected
+    by an MLP, mean-pooled, projected; texts: the encoder's [CLS] state, projected. `logit_scale` is the learned
+    inverse temperature of the contrastive loss, kept as a log and clamped to [1, 100] as in CLIP."""
+
+    MAX_LOGIT_SCALE = 100.0
+
+    def __init__(self, text_encoder, feature_dim: int, embed_dim: int, temperature: float):
+        super().__init__()
+        width = text_encoder.config.hidden_size
+        self.text_encoder = text_encoder
+        self.visual = nn.Sequential(nn.Linear(feature_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.image_proj = nn.Linear(width, embed_dim)
+        self.text_proj = nn.Linear(width, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+
+    def embed_images(self, features: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
+        pooled = masked_mean(self.visual(features), feature_mask)
+        return nn.functional.normalize(self.image_proj(pooled).float(), dim=-1)
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        cls = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        return nn.functional.normalize(self.text_proj(cls).float(), dim=-1)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image embeddings, text embeddings, logit scale) for a batch of matching pairs."""
+        images = self.embed_images(batch["features"], batch["feature_mask"])
+        texts = self.embed_texts(batch["input_ids"], batch["attention_mask"])
+        return images, texts, self.logit_scale.clamp(0, math.log(self.MAX_LOGIT_SCALE)).exp()
+
+
+class FusionClassifier(nn.Module):
+    """One encoder over image and text together (SNLI-VE): the projected regions are placed right after [CLS]
+    in the encoder's inputs_embeds (token type 1, text is type 0), and the class is read from [CLS]'s last state."""
+
+    def __init__(self, encoder, feature_dim: int, num_classes: int):
+        super().__init__()
+        width = encoder.config.hidden_size
+        self.encoder = encoder
+        self.visual_proj = nn.Linear(feature_dim, width)
+        self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, num_classes))
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits (B, num_classes). `input_ids` start with [CLS]; `features` regions are padded (`feature_mask`)."""
+        words = self.encoder.get_input_embeddings()(batch["input_ids"])
+        regions = self.visual_proj(batch["features"].to(words.dtype))
+        embeds = torch.cat([words[:, :1], regions, words[:, 1:]], dim=1)
+        text_mask = batch["attention_mask"]
+        mask = torch.cat([text_mask[:, :1], batch["feature_mask"].long(), text_mask[:, 1:]], dim=1)
+        types = torch.zeros_like(mask)
+        types[:, 1 : 1 + regions.shape[1]] = 1
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types).last_hidden_state
+        return self.head(hidden[:, 0]).float()

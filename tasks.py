@@ -194,15 +194,20 @@ class BaseTask:
         results = []
         for batch in loader:
             results += self.valid_step(model, move(batch))
-        if dist.is_initialized():
-            shards = [None] * dist.get_world_size()
-            dist.all_gather_object(shards, results)
-            results = [r for shard in shards for r in shard]
-        return sorted({r["id"]: r for r in results}.values(), key=lambda r: r["id"])
+        return gather_results(results)
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
         """Results → metrics (rank 0 only). Must include the config's `best_metric` when metrics are reported."""
         raise NotImplementedError
+
+
+def gather_results(results: list[dict]) -> list[dict]:
+    """Every rank's results on every rank, de-duplicated by `id` and sorted by it."""
+    if dist.is_initialized():
+        shards = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, results)
+        results = [r for shard in shards for r in shard]
+    return sorted({r["id"]: r for r in results}.values(), key=lambda r: r["id"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,17 +279,9 @@ class GPT2Task(BaseTask):
         import models
 
         cfg = self.cfg.model
-        if cfg.name is not None:
-            self.tokenizer = models.load_tokenizer(cfg.name, self.SPECIAL)
-        elif (tokenizer_dir / "tokenizer.json").is_file():
-            self.tokenizer = models.load_tokenizer(tokenizer_dir, self.SPECIAL)
-        else:
-            specials = [self.SPECIAL[k] for k in ("bos_token", "eos_token", "pad_token")]
-            specials += self.SPECIAL["additional_special_tokens"]
-            self.tokenizer = models.train_tokenizer(self.training_texts(train_set), cfg.vocab_size, specials)
-            self.tokenizer.add_special_tokens(self.SPECIAL)
-        if not (tokenizer_dir / "tokenizer.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
-            self.tokenizer.save_pretrained(tokenizer_dir)
+        self.tokenizer = models.build_tokenizer(
+            cfg, tokenizer_dir, self.SPECIAL, lambda: self.training_texts(train_set)
+        )
         self.token = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
         lm = models.build_gpt2(cfg, self.tokenizer)
         self.max_positions = lm.config.n_positions
@@ -699,12 +696,272 @@ def consensus_answer(answers: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Encoder tasks (retrieval, classification): image features next to a BERT-like text encoder
+
+
+@dataclass(frozen=True)
+class EncoderConfig(TaskConfig):
+    """Tasks that read images' features and encode text with a BERT-like encoder."""
+
+    feature_dim: int = data.IMAGE_FEATURE_DIM
+    """Width D of the image features in ROOT/features/{image_id}.npy, (D,) pooled or (T, D) grid: 768 for ViT-B
+    (CLIP, BLIP), 1024 for ViT-L. Keep --data.max-feature-len >= T for grid features (it truncates them)."""
+    max_text_len: int = 40
+    """Most tokens per text, [CLS] and [SEP] included (longer texts are cut)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.feature_dim < 1 or self.max_text_len < 3:
+            raise ValueError(
+                f"need --feature-dim >= 1 and --max-text-len >= 3, got {self.feature_dim}, {self.max_text_len}"
+            )
+
+
+class EncoderTask(BaseTask):
+    """Shared by the encoder tasks: the tokenizer (BERT's special tokens), text encoding and image batches."""
+
+    SPECIAL: typing.ClassVar[dict] = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+
+    cfg: EncoderConfig
+
+    def text_encoder(self, texts, tokenizer_dir: Path) -> nn.Module:
+        """The tokenizer (trained on `texts()` unless pretrained or saved) and the text encoder."""
+        import models
+
+        self.tokenizer = models.build_tokenizer(self.cfg.model, tokenizer_dir, self.SPECIAL, texts)
+        return models.build_text_encoder(self.cfg.model, self.tokenizer)
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """[CLS] text [SEP], cut to --max-text-len, right-padded."""
+        tok = self.tokenizer
+        encoded = tok(texts, add_special_tokens=False)["input_ids"]
+        rows = [[tok.cls_token_id, *ids[: self.cfg.max_text_len - 2], tok.sep_token_id] for ids in encoded]
+        return {
+            "input_ids": data.pad(rows, tok.pad_token_id),
+            "attention_mask": data.pad([[1] * len(r) for r in rows], 0),
+        }
+
+    def image_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        features, mask = data.stack_features([s["features"] for s in samples])
+        return {"features": features, "feature_mask": mask}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image-text retrieval (COCO, Flickr30k)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(EncoderConfig):
+    embed_dim: int = 256
+    """Width of the shared image-text embedding space."""
+    temperature: float = 0.07
+    """Initial temperature of the contrastive loss (learned; 1/temperature is clamped to [1, 100])."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.embed_dim < 1 or not 0.01 <= self.temperature <= 1:
+            raise ValueError("--embed-dim must be >= 1 and --temperature in [0.01, 1]")
+
+
+class RetrievalTask(EncoderTask):
+    """Image-text retrieval (COCO/Flickr style): a dual encoder trained contrastively, scored by recall@1/5/10."""
+
+    cfg: RetrievalConfig
+    TOP_K = 5  # gallery ids kept per query in the results file (the ranks give the recalls)
+    CHUNK = 1024  # queries scored at a time: a 25k x 5k evaluation never holds the whole similarity matrix
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        """The captioning layout and its embedded default (COCO/Flickr retrieval annotations have the same shape)."""
+        return image_datasets(self.cfg, data.CAPTIONS_VERSION, data.make_embedded_captions, self.load)
+
+    @staticmethod
+    def load(path: Path, train: bool) -> list[dict]:
+        """Captions as for captioning, plus `image_index` numbering the split's images: captions of the same image
+        are positives for each other."""
+        samples = data.load_captions(path, train)
+        index = {}
+        for sample in samples:
+            sample["image_index"] = index.setdefault(sample["image_id"], len(index))
+        return samples
+
+    def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
+        import models
+
+        encoder = self.text_encoder(lambda: (s["caption"] for s in train_set.samples), tokenizer_dir)
+        return models.DualEncoder(encoder, train_set.features.dim, self.cfg.embed_dim, self.cfg.temperature)
+
+    def collate(self, samples: list[dict], train: bool) -> dict:
+        """Train: matching (image, caption) pairs. Eval: images with all their captions (`text_owner` says whose)."""
+        batch = {**self.image_batch(samples), "ids": [s["id"] for s in samples]}
+        if train:
+            batch.update(self.encode([s["caption"] for s in samples]))
+            batch["image_index"] = torch.tensor([s["image_index"] for s in samples])
+        else:
+            batch.update(self.encode([c for s in samples for c in s["references"]]))
+            batch["text_owner"] = torch.tensor([i for i, s in enumerate(samples) for _ in s["references"]])
+        return batch
+
+    def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric InfoNCE (image→text and text→image, averaged) of this rank's pairs against the whole global
+        batch: embeddings are all-gathered with a differentiable gather, whose backward sums every rank's gradient
+        into the embeddings it came from. So the per-rank sums add up to the one-process loss on the global batch,
+        and the loop's normalisation (x world / global count after DDP's mean) gives its exact gradient. Captions
+        of the same image are all positives (LAVIS's soft targets over `image_index`). With --grad-accum > 1 the
+        negatives are those of one micro-batch on all ranks: a contrastive loss does not split over micro-batches."""
+        images, texts, scale = model(batch)
+        groups = batch["image_index"]
+        all_images, all_texts, all_groups = gather_batch(images), gather_batch(texts), gather_batch(groups)
+        positives = (groups[:, None] == all_groups[None, :]).float()
+        targets = positives / positives.sum(1, keepdim=True)
+        image_to_text = nn.functional.cross_entropy(scale * images @ all_texts.T, targets, reduction="sum")
+        text_to_image = nn.functional.cross_entropy(scale * texts @ all_images.T, targets, reduction="sum")
+        return (image_to_text + text_to_image) / 2, torch.tensor(len(groups), device=groups.device)
+
+    def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
+        images = model.embed_images(batch["features"], batch["feature_mask"]).cpu()
+        texts = model.embed_texts(batch["input_ids"], batch["attention_mask"]).cpu()
+        owner = batch["text_owner"].cpu()
+        return [{"id": i, "image": images[n], "texts": texts[owner == n]} for n, i in enumerate(batch["ids"])]
+
+    @torch.no_grad()
+    def evaluation(self, model: nn.Module, loader, move) -> list[dict]:
+        """Every rank embeds its shard of images and their captions; the embeddings are gathered, each rank ranks
+        the gallery for its share of the queries (in chunks), and only ranks and top ids are gathered back."""
+        embedded = super().evaluation(model, loader, move)
+        images = torch.stack([e["image"] for e in embedded])
+        texts = torch.cat([e["texts"] for e in embedded])
+        text_owner = torch.tensor([n for n, e in enumerate(embedded) for _ in range(len(e["texts"]))])
+        image_ids = [e["id"] for e in embedded]
+        text_ids = [f"{e['id']}#{k}" for e in embedded for k in range(len(e["texts"]))]
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        image_queries = torch.arange(len(images))[rank::world]
+        text_queries = torch.arange(len(texts))[rank::world]
+        results = []
+        ranks, top = retrieval_ranks(images[image_queries], image_queries, texts, text_owner, self.TOP_K, self.CHUNK)
+        for q, r, t in zip(image_queries.tolist(), ranks.tolist(), top.tolist(), strict=True):
+            results.append({"id": f"image {image_ids[q]}", "rank": r, "top": [text_ids[i] for i in t]})
+        ranks, top = retrieval_ranks(
+            texts[text_queries], text_owner[text_queries], images, torch.arange(len(images)), self.TOP_K, self.CHUNK
+        )
+        for q, r, t in zip(text_queries.tolist(), ranks.tolist(), top.tolist(), strict=True):
+            results.append({"id": f"text {text_ids[q]}", "rank": r, "top": [image_ids[i] for i in t]})
+        return gather_results(results)
+
+    def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
+        return recall_metrics(
+            [r["rank"] for r in results if r["id"].startswith("image ")],
+            [r["rank"] for r in results if r["id"].startswith("text ")],
+        )
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0 (same shape on every rank), differentiable: gradients flowing
+    into another rank's part are sent back to it and summed there."""
+    if not dist.is_initialized():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
+
+
+def retrieval_ranks(queries, query_groups, gallery, gallery_groups, k: int, chunk: int):
+    """For each query (normalised embeddings), the rank (0 = first) of its best-scoring positive in the gallery
+    (positive: same group, i.e. same image) and the indices of its top-k gallery items, `chunk` queries at a time.
+    Rank = how many gallery items score strictly higher than the best positive."""
+    ranks, tops = [], []
+    for start in range(0, len(queries), chunk):
+        scores = queries[start : start + chunk].float() @ gallery.float().T
+        positive = query_groups[start : start + chunk, None] == gallery_groups[None, :]
+        best = scores.masked_fill(~positive, float("-inf")).max(1, keepdim=True).values
+        ranks.append((scores > best).sum(1))
+        tops.append(scores.topk(min(k, gallery.shape[0]), dim=1).indices)
+    return torch.cat(ranks), torch.cat(tops)
+
+
+def recall_metrics(text_ranks: list[int], image_ranks: list[int]) -> dict[str, float]:
+    """LAVIS's retrieval report: txt_r@k (image→text: an image query's best caption in the top k), img_r@k
+    (text→image), in percent, their means and r_mean. agg_metrics (the best checkpoint's pick) is r_mean, both
+    directions; LAVIS's code uses txt_r_mean alone, which ignores text→image retrieval."""
+    metrics = {}
+    for name, ranks in (("txt", torch.tensor(text_ranks)), ("img", torch.tensor(image_ranks))):
+        for k in (1, 5, 10):
+            metrics[f"{name}_r{k}"] = 100 * (ranks < k).float().mean().item()
+        metrics[f"{name}_r_mean"] = sum(metrics[f"{name}_r{k}"] for k in (1, 5, 10)) / 3
+    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
+    metrics["agg_metrics"] = metrics["r_mean"]
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multimodal classification (SNLI-VE): does the image entail, contradict or leave open the sentence?
+
+
+@dataclass(frozen=True)
+class ClassificationConfig(EncoderConfig):
+    """Visual entailment: the image and the sentence through one encoder, three classes."""
+
+
+class ClassificationTask(EncoderTask):
+    """Multimodal classification (SNLI-VE style): entailment / neutral / contradiction, scored by accuracy."""
+
+    cfg: ClassificationConfig
+    LABELS = data.SNLI_VE_LABELS
+
+    def build_datasets(self) -> dict[str, Dataset]:
+        return image_datasets(
+            self.cfg, data.SNLI_VE_VERSION, data.make_embedded_snli_ve, lambda p, train: data.load_snli_ve(p)
+        )
+
+    def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
+        import models
+
+        encoder = self.text_encoder(lambda: (s["sentence"] for s in train_set.samples), tokenizer_dir)
+        return models.FusionClassifier(encoder, train_set.features.dim, len(self.LABELS))
+
+    def collate(self, samples: list[dict], train: bool) -> dict:
+        return {
+            **self.image_batch(samples),
+            **self.encode([s["sentence"] for s in samples]),
+            "labels": torch.tensor([s["label"] for s in samples]),
+            "ids": [s["id"] for s in samples],
+        }
+
+    def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = nn.functional.cross_entropy(model(batch), batch["labels"], reduction="sum")
+        return loss, torch.tensor(len(batch["ids"]), device=loss.device)
+
+    def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
+        predictions = model(batch).argmax(-1).tolist()
+        return [
+            {"id": i, "label": self.LABELS[y], "prediction": self.LABELS[p]}
+            for i, y, p in zip(batch["ids"], batch["labels"].tolist(), predictions, strict=True)
+        ]
+
+    def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
+        return accuracy_metrics([r["prediction"] for r in results], [r["label"] for r in results], self.LABELS)
+
+
+def accuracy_metrics(predictions: list, labels: list, classes) -> dict[str, float]:
+    """accuracy (= agg_metrics) and acc_{class} (accuracy among the samples of that class), in percent."""
+    hits = [p == y for p, y in zip(predictions, labels, strict=True)]
+    metrics = {"accuracy": 100 * sum(hits) / len(hits)}
+    for c in classes:
+        of_class = [h for h, y in zip(hits, labels, strict=True) if y == c]
+        if of_class:
+            metrics[f"acc_{c}"] = 100 * sum(of_class) / len(of_class)
+    metrics["agg_metrics"] = metrics["accuracy"]
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The registry: task name → (task class, default config). Variants are dataclasses.replace of a default.
 
 TASKS: dict[str, tuple[type[BaseTask], TaskConfig]] = {
     "dialogue": (DialogueTask, DialogueConfig()),
     "captioning": (CaptioningTask, CaptioningConfig()),
     "vqa": (VQATask, VQAConfig()),
+    "retrieval": (RetrievalTask, RetrievalConfig()),
+    "classification": (ClassificationTask, ClassificationConfig()),
 }
 
 

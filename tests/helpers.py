@@ -1,0 +1,37 @@
+"""Helpers for the encoder-task tests (retrieval, classification, the adding-a-task guide): train.py that must
+succeed, metrics.jsonl, and the untrained baseline a training run must beat."""
+
+import dataclasses
+import json
+from functools import partial
+from pathlib import Path
+
+from conftest import ROOT, run_train
+
+
+def train_ok(args, nproc: int | None = None, cwd: Path = ROOT):
+    """train.py in a subprocess (torchrun with `nproc` ranks); fails the test with its output if it fails."""
+    done = run_train(args, nproc=nproc, cwd=cwd)
+    assert done.returncode == 0, f"train.py {args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def untrained_metrics(task_name: str, tmp_path: Path, seed: int = 42) -> dict[str, float]:
+    """Val metrics of the task's freshly initialised model (the baseline a training run must beat clearly)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    import tasks
+
+    task_class, default = tasks.TASKS[task_name]
+    cfg = dataclasses.replace(default, data=dataclasses.replace(default.data, num_workers=0))
+    task = task_class(cfg)
+    datasets = task.build_datasets()
+    torch.manual_seed(seed)
+    model = task.build_model(datasets["train"], tmp_path / "tokenizer").eval()
+    loader = DataLoader(datasets["val"], batch_size=32, collate_fn=partial(task.collate, train=False))
+    return task.after_evaluation(task.evaluation(model, loader, lambda batch: batch), "val")
