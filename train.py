@@ -4,6 +4,7 @@ Reads top to bottom: parse the config, set up distributed, build task/data/model
 that trains, evaluates, logs and checkpoints. Everything a task decides lives in tasks.py.
 """
 
+import gc
 import json
 import math
 import os
@@ -654,4 +655,7 @@ if __name__ == "__main__":
         sys.exit(2)
     finally:
         if dist.is_initialized():
+            # DDP's reducer (kept alive by reference cycles through main's closures) holds gloo work; freed during
+            # interpreter teardown instead, it aborts the process ("terminate called without an active exception").
+            gc.collect()
             dist.destroy_process_group()

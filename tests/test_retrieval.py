@@ -225,6 +225,9 @@ for p in model.parameters():  # the loop's normalisation: DDP averaged over rank
 if rank == 0:
     grads = {n: p.grad for n, p in model.named_parameters()}
     torch.save({"loss": stats[0] / stats[1], "grads": grads}, out / f"grads{world}.pt")
+if distributed:  # DDP's gloo work freed at interpreter teardown would abort the process
+    del wrapped
+    dist.destroy_process_group()
 """
 
 
