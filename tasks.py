@@ -101,6 +101,8 @@ class TaskConfig:
     """Log training metrics every N steps."""
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
+    compile: bool = False
+    """torch.compile the model for training (GPU; the first steps are slow while it compiles)."""
     best_metric: str = "agg_metrics"
     """Validation metric that picks the best checkpoint."""
     best_mode: Literal["max", "min"] = "max"
