@@ -63,7 +63,7 @@ class Interleaver:
 
     def __init__(self, bare: "BareLoop", batches: list[dict]):
         self.bare, self.batches = bare, batches
-        self.pairs = []  # (contender wall, bare wall, contender cpu, bare cpu) per window
+        self.pairs = []  # (contender wall, bare wall, contender cpu, bare cpu, contender cpu in this process)
         self.done, self.exit, self.enter_kids = 0, None, None
 
     def turn(self, step: int) -> None:
@@ -75,17 +75,18 @@ class Interleaver:
         if self.exit is not None:
             ours_wall = wall - self.exit[0]
             ours_cpu = cpu - self.exit[1] + kids - self.enter_kids
-            self.pairs.append((ours_wall, bare_wall, ours_cpu, bare_cpu))
+            self.pairs.append((ours_wall, bare_wall, ours_cpu, bare_cpu, cpu - self.exit[1]))
         self.done, self.enter_kids = step, kids
         self.exit = (time.perf_counter(), time.process_time())
 
     def summary(self, window: int, name: str) -> dict:
-        wall, bare_wall, cpu, bare_cpu = zip(*self.pairs, strict=True)
+        wall, bare_wall, cpu, bare_cpu, main_cpu = zip(*self.pairs, strict=True)
         return {
             f"{name}_steps_per_s": window / median(wall),
             f"bare_{name}_steps_per_s": window / median(bare_wall),
             f"{name}_vs_bare": median([b / o for o, b in zip(wall, bare_wall, strict=True)]),
             f"{name}_vs_bare_cpu": median([b / o for o, b in zip(cpu, bare_cpu, strict=True)]),
+            f"{name}_vs_bare_main_cpu": median([b / o for o, b in zip(main_cpu, bare_cpu, strict=True)]),
             f"{name}_windows": len(wall),
         }
 
@@ -452,13 +453,14 @@ def bench_data(args, work: Path, env: dict) -> dict:
 
 def train_seconds(run_dir: Path) -> float:
     """Training time (eval excluded) from metrics.jsonl: every window's samples / samples_per_s."""
+    import yaml
+
+    batch_size = yaml.safe_load((run_dir / "config.yaml").read_text())["batch_size"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     total, last_step = 0.0, 0
-    with open(run_dir / "metrics.jsonl") as f:
-        rows = [json.loads(line) for line in f]
-    cfg_batch = 16
     for row in rows:
         if "train/samples_per_s" in row:
-            total += (row["step"] - last_step) * cfg_batch / row["train/samples_per_s"]
+            total += (row["step"] - last_step) * batch_size / row["train/samples_per_s"]
             last_step = row["step"]
     return total
 
@@ -514,6 +516,9 @@ def bench_startup(args, work: Path, env: dict) -> dict:
             subprocess.run([*TRAIN, *cmd], env=env, check=True, capture_output=True)
             walls.append(time.perf_counter() - start)
         result[f"{label}_s"] = median(walls)
+    import data
+
+    data.embedded_root(work / "cache", data.EMBEDDED_VERSION, data.make_embedded_avsd)  # not part of start-up
     firsts = []
     for i in range(args.repeats):
         out = work / f"first-step-{i}"
@@ -537,6 +542,10 @@ def bench_startup(args, work: Path, env: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def cpu_ratios(r: dict, name: str) -> str:
+    return f"{r[name + '_vs_bare_main_cpu']:.3f} ({r[name + '_vs_bare_cpu']:.3f})"
+
+
 def table(results: dict) -> str:
     rows = []
     if "loop" in results:
@@ -544,11 +553,13 @@ def table(results: dict) -> str:
         rows += [
             ("loop: train.py steps/s", f"{r['ours_steps_per_s']:.2f}", ""),
             ("loop: bare loop steps/s (beside train.py)", f"{r['bare_ours_steps_per_s']:.2f}", ""),
-            ("loop: train.py / bare, wall (CPU)", f"{r['ours_vs_bare']:.3f} ({r['ours_vs_bare_cpu']:.3f})", ">= 0.97"),
+            ("loop: train.py / bare: wall", f"{r['ours_vs_bare']:.3f}", ">= 0.97"),
+            ("loop: train.py / bare: CPU, main process (+ workers)", cpu_ratios(r, "ours"), ""),
             ("loop: HF Trainer steps/s", f"{r['hf_steps_per_s']:.2f}", ""),
             ("loop: bare loop steps/s (beside HF)", f"{r['bare_hf_steps_per_s']:.2f}", ""),
-            ("loop: HF Trainer / bare, wall (CPU)", f"{r['hf_vs_bare']:.3f} ({r['hf_vs_bare_cpu']:.3f})", ""),
-            ("loop: train.py / HF Trainer, wall (CPU)", f"{r['ours_vs_hf']:.3f} ({r['ours_vs_hf_cpu']:.3f})", ">= 1"),
+            ("loop: HF Trainer / bare: wall", f"{r['hf_vs_bare']:.3f}", ""),
+            ("loop: HF Trainer / bare: CPU, main process (+ workers)", cpu_ratios(r, "hf"), ""),
+            ("loop: train.py / HF Trainer: wall (CPU + workers)", f"{r['ours_vs_hf']:.3f} ({r['ours_vs_hf_cpu']:.3f})", ">= 1"),
             (
                 f"loop: val loss after {r['steps']} steps",
                 " ".join(f"{k} {r['loss_' + k]:.5f}" for k in ("ours", "bare", "hf", "bare_hf")),
