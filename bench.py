@@ -559,7 +559,7 @@ def table(results: dict) -> str:
             ("loop: bare loop steps/s (beside HF)", f"{r['bare_hf_steps_per_s']:.2f}", ""),
             ("loop: HF Trainer / bare: wall", f"{r['hf_vs_bare']:.3f}", ""),
             ("loop: HF Trainer / bare: CPU, main process (+ workers)", cpu_ratios(r, "hf"), ""),
-            ("loop: train.py / HF Trainer: wall (CPU + workers)", f"{r['ours_vs_hf']:.3f} ({r['ours_vs_hf_cpu']:.3f})", ">= 1"),
+            ("loop: train.py / HF: wall (CPU + workers)", f"{r['ours_vs_hf']:.3f} ({r['ours_vs_hf_cpu']:.3f})", ">= 1"),
             (
                 f"loop: val loss after {r['steps']} steps",
                 " ".join(f"{k} {r['loss_' + k]:.5f}" for k in ("ours", "bare", "hf", "bare_hf")),
