@@ -302,9 +302,16 @@ def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
 def stack_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad variable-length (T, D) features into (B, T_max, D) plus a (B, T_max) bool mask of real frames."""
     width = max(a.shape[0] for a in arrays)
-    out = torch.zeros(len(arrays), width, arrays[0].shape[1])
+    shape = (len(arrays), width, arrays[0].shape[1])
+    out = torch.empty(0)
+    if torch.utils.data.get_worker_info() is not None:
+        # In a DataLoader worker, build the batch in shared memory (as torch's default_collate does): sending the
+        # largest tensor of the batch to the training process then costs nothing instead of one more copy.
+        out = out.new(out.untyped_storage()._new_shared(math.prod(shape) * out.element_size()))
+    out = out.resize_(shape)
     mask = torch.zeros(len(arrays), width, dtype=torch.bool)
     for i, a in enumerate(arrays):
         out[i, : a.shape[0]] = torch.from_numpy(a)
+        out[i, a.shape[0] :] = 0
         mask[i, : a.shape[0]] = True
     return out, mask
