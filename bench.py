@@ -11,7 +11,8 @@ as medians of paired ratios, so a machine shared with other work moves both side
 
 Sections:
   loop     train.py's real loop (train.main, driven in-process) vs a bare loop vs HF Trainer; loss after N steps
-  data     DataLoader batches/s vs training steps/s at real feature sizes; peak RSS at 1x and 10x the dataset;
+  data     DataLoader batches/s vs training steps/s at real feature sizes (in turns, in one process); peak RSS
+           of that process and its workers at 1x and 10x the dataset;
            time per epoch and peak RSS of a real train.py run at 1x, 4x, 16x
   eval     beam-search evaluation samples/s with 1 and 2 ranks (torchrun, generation-bound)
   startup  `train.py --help`, `train.py dialogue --help` wall time; launch-to-first-step
@@ -376,16 +377,15 @@ def child_rss(cmd: list[str], env: dict) -> tuple[str, float, float]:
     return result.stdout, float(rss), float(wall)
 
 
-def loader_child(root: str, batches: int) -> None:
-    """(subprocess) Batches/s of the DataLoader train.py builds, over `root`; prints JSON."""
+def loader_child(root: str, rounds: int = 3, chunk: int = 20, steps: int = 2) -> None:
+    """(subprocess) The DataLoader train.py builds over `root`: batches/s it delivers vs training steps/s (bare
+    loop) on its batches, measured in turns so that both see the same machine load; prints JSON."""
     import torch
 
-    import train
-
-    task, datasets, _, cfg = build_side(["dialogue", "--data.root", root], Path(tempfile.mkdtemp()))
-    dataset = datasets["train"]
     from data import ResumableSampler
 
+    task, datasets, model, cfg = build_side(["dialogue", "--data.root", root], Path(tempfile.mkdtemp()))
+    dataset = datasets["train"]
     loader = torch.utils.data.DataLoader(  # the arguments train.py's loader() uses for training on CPU
         dataset,
         batch_size=cfg.batch_size,
@@ -395,7 +395,6 @@ def loader_child(root: str, batches: int) -> None:
         drop_last=True,
         persistent_workers=cfg.data.num_workers > 0,
     )
-    del train
 
     def endless(loader):  # epoch after epoch, as training reads it
         for epoch in range(10**6):
@@ -403,29 +402,24 @@ def loader_child(root: str, batches: int) -> None:
             yield from loader
 
     it = endless(loader)
-    for _ in range(4):  # workers started, first batches out
-        next(it)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    elapsed = time.perf_counter() - start
-    n = batches
-    del it, loader
-    print(json.dumps({"batches_per_s": n / elapsed, "batches": n}))
-
-
-def consume_rate(root: Path, work: Path, n: int = 6) -> float:
-    """Training steps/s (bare loop) on batches of `root`, i.e. what the loader must keep up with."""
-    task, datasets, model, cfg = build_side(["dialogue", "--data.root", str(root)], work / "consume")
-    batches = prebuilt_batches(task, datasets["train"], cfg, n + 2)
-    bare = BareLoop(model, cfg, n + 2)
-    bare.run(batches[:2])
-    times = []
-    for batch in batches[2:]:
+    bare = BareLoop(model, cfg, rounds * steps + 1)
+    bare.run([next(it)])  # warm-up
+    prefetched = max(1, cfg.data.num_workers) * 2  # batches the workers got ahead while training ran
+    deliver, consume = [], []
+    for _ in range(rounds):
+        for _ in range(prefetched):
+            next(it)
         start = time.perf_counter()
-        bare.run([batch])
-        times.append(time.perf_counter() - start)
-    return 1 / median(times)
+        for _ in range(chunk):
+            next(it)
+        deliver.append(chunk / (time.perf_counter() - start))
+        batches = [next(it) for _ in range(steps)]
+        start = time.perf_counter()
+        bare.run(batches)
+        consume.append(steps / (time.perf_counter() - start))
+    del it, loader
+    ratio = median([d / c for d, c in zip(deliver, consume, strict=True)])
+    print(json.dumps({"batches_per_s": median(deliver), "steps_per_s": median(consume), "ratio": ratio}))
 
 
 def bench_data(args, work: Path, env: dict) -> dict:
@@ -437,14 +431,13 @@ def bench_data(args, work: Path, env: dict) -> dict:
     roots = {k: make_root(work / f"avsd-{k}x", features, k * base, 4) for k in (1, 4, 10, 16)}
     result = {"frames_max": args.frames, "videos_1x": base, "generate_s": gen_s}
 
-    consume = consume_rate(roots[10], work)
     for k in (1, 10):
         out, rss, _ = child_rss([sys.executable, __file__, "--loader-child", str(roots[k])], env)
-        deliver = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
-        result[f"loader_{k}x_batches_per_s"] = deliver["batches_per_s"]
+        measured = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+        result[f"loader_{k}x_batches_per_s"] = measured["batches_per_s"]
+        result[f"train_{k}x_steps_per_s"] = measured["steps_per_s"]
+        result[f"loader_vs_train_{k}x"] = measured["ratio"]
         result[f"loader_{k}x_peak_rss_mib"] = rss
-    result["train_steps_per_s"] = consume
-    result["loader_vs_train"] = result["loader_10x_batches_per_s"] / consume
 
     for k in (1, 4, 16):
         run_dir = work / f"epoch-{k}x"
@@ -580,10 +573,14 @@ def table(results: dict) -> str:
         r = results["data"]
         rows += [
             ("data: loader batches/s (10x)", f"{r['loader_10x_batches_per_s']:.1f}", ""),
-            ("data: training steps/s (same data)", f"{r['train_steps_per_s']:.2f}", ""),
-            ("data: loader / training", f"{r['loader_vs_train']:.1f}", ">= 10"),
+            ("data: training steps/s (same batches, in turns)", f"{r['train_10x_steps_per_s']:.2f}", ""),
             (
-                "data: loader peak RSS 1x / 10x (MiB)",
+                "data: loader / training, 1x; 10x",
+                f"{r['loader_vs_train_1x']:.1f}; {r['loader_vs_train_10x']:.1f}",
+                ">= 10",
+            ),
+            (
+                "data: peak RSS 1x / 10x (MiB)",
                 f"{r['loader_1x_peak_rss_mib']:.0f} / {r['loader_10x_peak_rss_mib']:.0f}",
                 "flat",
             ),
@@ -641,7 +638,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        loader_child(args.loader_child, batches=40)
+        loader_child(args.loader_child)
         return
 
     import torch
