@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -530,13 +531,14 @@ def bench_startup(args, work: Path, env: dict) -> dict:
         cmd += ["--num-beams", "1", "--no-report-metric", "--wandb.mode", "disabled"]
         cmd += ["--data.cache-dir", str(work / "cache")]
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, **quiet)
         while not (metrics.is_file() and metrics.stat().st_size > 0):
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd} exited {proc.returncode} before its first step")
             time.sleep(0.005)
         firsts.append(time.perf_counter() - start)
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # train.py and its loader workers: nothing left running
         proc.wait()
     result["first_step_s"] = median(firsts)
     return result
