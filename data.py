@@ -6,6 +6,8 @@ or image, memory-mapped so that a dataset much larger than RAM costs nothing unt
 """
 
 import json
+import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -65,12 +67,22 @@ class FeatureStore:
         return self.root / stream / f"{feature_id}.npy"
 
     def open(self, stream: str, feature_id: str) -> np.ndarray:
-        """Memory-map one stream of one id (reads only the header) and check its shape."""
+        """Memory-map one stream of one id (reads only the header) and check its shape. Done by hand (mmap +
+        frombuffer) because np.load(mmap_mode="r") costs twice as much, three times per sample in every batch."""
         path, width = self.path(stream, feature_id), self.streams[stream]
         if not path.is_file():
             raise InputError(f"missing feature file for id {feature_id!r}: {path}")
         try:
-            array = np.load(path, mmap_mode="r")
+            with open(path, "rb") as f:
+                npy = np.lib.format
+                version = npy.read_magic(f)
+                header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, fortran_order, dtype = header(f)
+                if dtype.hasobject:
+                    raise ValueError("an object array cannot be memory-mapped")
+                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                array = np.frombuffer(buffer, dtype, count=math.prod(shape), offset=f.tell())
+            array = array.reshape(shape, order="F" if fortran_order else "C")
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read feature file for id {feature_id!r}: {path} ({e})") from None
         if array.ndim == 1:
@@ -517,22 +529,29 @@ class ResumableSampler(DistributedSampler):
 def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
     """Pad lists of ints into a (B, max_len) long tensor, on the right (training) or on the left (generation)."""
     width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    out = np.full((len(seqs), width), value, dtype=np.int64)  # numpy: filling rows from lists is 4x torch's cost
     for i, s in enumerate(seqs):
         if s:
             if left:
-                out[i, width - len(s) :] = torch.as_tensor(s)
+                out[i, width - len(s) :] = s
             else:
-                out[i, : len(s)] = torch.as_tensor(s)
-    return out
+                out[i, : len(s)] = s
+    return torch.from_numpy(out)
 
 
 def stack_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad variable-length (T, D) features into (B, T_max, D) plus a (B, T_max) bool mask of real frames."""
     width = max(a.shape[0] for a in arrays)
-    out = torch.zeros(len(arrays), width, arrays[0].shape[1])
+    shape = (len(arrays), width, arrays[0].shape[1])
+    out = torch.empty(0)
+    if torch.utils.data.get_worker_info() is not None:
+        # In a DataLoader worker, build the batch in shared memory (as torch's default_collate does): sending the
+        # largest tensor of the batch to the training process then costs nothing instead of one more copy.
+        out = out.new(out.untyped_storage()._new_shared(math.prod(shape) * out.element_size()))
+    out = out.resize_(shape)
     mask = torch.zeros(len(arrays), width, dtype=torch.bool)
     for i, a in enumerate(arrays):
         out[i, : a.shape[0]] = torch.from_numpy(a)
+        out[i, a.shape[0] :] = 0
         mask[i, : a.shape[0]] = True
     return out, mask

@@ -112,6 +112,8 @@ class TaskConfig:
     """Log training metrics every N steps."""
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
+    compile: bool = False
+    """torch.compile the model for training (GPU; the first steps are slow while it compiles)."""
     best_metric: str = "agg_metrics"
     """Validation metric that picks the best checkpoint."""
     best_mode: Literal["max", "min"] = "max"
@@ -287,6 +289,11 @@ class GPT2Task(BaseTask):
         self.max_positions = lm.config.n_positions
         return models.FeatureGPT2(lm, train_set.features.dim, cfg.video_loss_weight)
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without special tokens, from the Rust tokenizer directly: the transformers wrapper around it
+        costs as much again, in every batch (collate runs in the loader workers, which share the CPU with training)."""
+        return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def pack(self, samples: list[dict], prompts: list[tuple[list[int], list[int]]], targets, train: bool) -> dict:
         """prompts = (token ids, token types) per sample, placed after its feature frames; targets = token ids to
         learn (train only; they and their <eos> take the type of the prompt's last token, and are the only
@@ -401,9 +408,7 @@ class DialogueTask(GPT2Task):
         texts = [
             [s["caption"] + " " + s["summary"], *(t for qa in s["history"] for t in qa), s["question"]] for s in samples
         ]
-        encoded = self.tokenizer(
-            [t for ts in texts for t in ts] + [s["answer"] for s in samples], add_special_tokens=False
-        )["input_ids"]
+        encoded = self.token_ids([t for ts in texts for t in ts] + [s["answer"] for s in samples])
         answers = encoded[-len(samples) :]
         prompts = []
         offset = 0
@@ -487,7 +492,7 @@ class CaptioningTask(GPT2Task):
         tok = self.token
         captions = [[] for _ in samples]
         if train:
-            captions = self.tokenizer([s["caption"] for s in samples], add_special_tokens=False)["input_ids"]
+            captions = self.token_ids([s["caption"] for s in samples])
             captions = [
                 c[: self.max_positions - len(s["features"]) - 2] for s, c in zip(samples, captions, strict=True)
             ]
@@ -557,7 +562,7 @@ class VQATask(GPT2Task):
         model = super().build_model(train_set, tokenizer_dir)
         if self.cfg.inference_method == "rank":
             self.candidates = self.answer_candidates(train_set)
-            encoded = self.tokenizer(self.candidates, add_special_tokens=False)["input_ids"]
+            encoded = self.token_ids(self.candidates)
             answers = [[*a, self.token["<eos>"]] for a in encoded]
             self.candidate_ids = data.pad(answers, self.token["<pad>"])
             self.candidate_mask = data.pad([[1] * len(a) for a in answers], 0).bool()
@@ -576,11 +581,11 @@ class VQATask(GPT2Task):
         """[image | question <answer> answer <eos>], token types <image>, <question>, <answer>; eval prompts end at
         <answer>. Training learns the most common of the human answers (normalised)."""
         tok = self.token
-        questions = self.tokenizer([s["question"] for s in samples], add_special_tokens=False)["input_ids"]
+        questions = self.token_ids([s["question"] for s in samples])
         answers = [[] for _ in samples]
         if train:
             answers = [consensus_answer(s["answers"]) for s in samples]
-            answers = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
+            answers = self.token_ids(answers)
         prompts = []
         for s, question, answer in zip(samples, questions, answers, strict=True):
             question = question[: self.max_positions - len(s["features"]) - 2 - max(len(answer), self.cfg.max_len)]

@@ -318,6 +318,42 @@ def lr_factor(step: int, cfg: TaskConfig, total_steps: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Model FLOPs utilisation (GPU)
+
+# Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name() (first match wins).
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("4090", 165e12),
+    ("3090", 71e12),
+]
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    if peak is None:
+        print(f"train/mfu not logged: no peak FLOP/s known for {name} (add it to PEAK_BF16_FLOPS)", file=sys.stderr)
+    return peak
+
+
+def train_flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
+    """Training FLOPs per token (PaLM, appendix B): 6 per weight used in a matmul (2 forward, 4 backward), plus
+    attention scores and values, 12 x layers x width x sequence length. Position embeddings are lookups, not
+    matmuls; the feature projection is counted for every token (it only runs on the video positions: a slight
+    overestimate)."""
+    weights = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
+    config = getattr(getattr(model, "lm", model), "config", None)
+    attention = 12 * config.n_layer * config.n_embd * seq_len if hasattr(config, "n_layer") else 0
+    return 6 * weights + attention
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Faults: stop signals, flags every rank acts on together, the test hook
 
 
@@ -387,6 +423,7 @@ def main(argv: list[str]) -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else nullcontext()
+    peak_flops = peak_bf16_flops(device) if device.type == "cuda" and cfg.bf16 else None
 
     # Every input is read and checked before anything in the run directory is created, replaced or overwritten.
     run_dir = agree(rank, partial(choose_run_dir, name, cfg))
@@ -406,6 +443,8 @@ def main(argv: list[str]) -> None:
     raw_model = model
     if distributed:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # training forward/backward only; generation and checkpoints use raw_model
+        model = torch.compile(model)
     # From here on each rank draws its own random numbers (dropout): identical masks on every rank would correlate.
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -437,15 +476,17 @@ def main(argv: list[str]) -> None:
     def evaluate(split: str, step: int) -> dict[str, float]:
         """Every rank generates on its shard; rank 0 scores, writes results, logs; all ranks get the metrics."""
         raw_model.eval()
+        started = time.perf_counter()
         with autocast:
             results = task.evaluation(raw_model, loader(split, train=False), move)
+        speed = {f"{split}/samples_per_s": len(results) / (time.perf_counter() - started)}
         raw_model.train()
         metrics = {}
         if rank == 0:
             (run_dir / "results").mkdir(exist_ok=True)
             (run_dir / "results" / f"{split}_step{step}.json").write_text(json.dumps(results, indent=1))
             metrics = task.after_evaluation(results, split)
-            logger.log(step, {f"{split}/{k}": v for k, v in metrics.items()})
+            logger.log(step, {f"{split}/{k}": v for k, v in metrics.items()} | speed)
             logger.table(step, f"{split}/examples", results)
             print(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         if distributed:
@@ -555,14 +596,8 @@ def main(argv: list[str]) -> None:
                     loss_sum, count = task.train_step(model, batch)
                 loss_sum.backward()
                 tokens = batch["attention_mask"].sum() if "attention_mask" in batch else count
-                stats[:4] += torch.stack(
-                    [
-                        loss_sum.detach().float(),
-                        count.float(),
-                        tokens.float(),
-                        torch.tensor(float(len(batch["ids"])), device=device),
-                    ]
-                )
+                stats[:3] += torch.stack([loss_sum.detach().float(), count.float(), tokens.float()])
+                stats[3] += len(batch["ids"])  # a Python number: no host-to-device copy (that would wait on the GPU)
             stats[4] = float(bool(stop_signal))
             if distributed:
                 dist.all_reduce(stats)
@@ -612,6 +647,9 @@ def main(argv: list[str]) -> None:
                 if count_total > 0:  # else every step since the last log was skipped (--nan-policy skip)
                     metrics["train/loss"] = loss_total / count_total
                     progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+                if peak_flops:
+                    per_token = train_flops_per_token(raw_model, tokens_total / max(samples_total, 1))
+                    metrics["train/mfu"] = per_token * tokens_total / elapsed / (peak_flops * world)
                 if cfg.max_grad_norm > 0:
                     metrics["train/grad_norm"] = grad_norm.item()
                 logger.log(step, metrics)

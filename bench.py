@@ -1,0 +1,670 @@
+"""Benchmarks (not part of the test suite): is the training loop as fast as a bare loop and HF Trainer, does the data
+path keep up, does evaluation scale over ranks, how fast does it start, how does cost grow with the dataset.
+
+    pip install -r requirements.txt -r requirements-bench.txt
+    python bench.py                    # everything (~10 min on a 2-core CPU); --only loop data eval startup
+
+Every comparison runs in ONE process (or one machine, for subprocesses) with the same thread settings
+(`--threads`, also exported as OMP_NUM_THREADS to subprocesses), the same model and the same batches. Timings are
+interleaved (train.py's loop and the bare loop take turns every `--window` steps, on the same batches) and reported
+as medians of paired ratios, so a machine shared with other work moves both sides alike.
+
+Sections:
+  loop     train.py's real loop (train.main, driven in-process) vs a bare loop vs HF Trainer; loss after N steps
+  data     DataLoader batches/s vs training steps/s at real feature sizes (in turns, in one process); peak RSS
+           of that process and its workers at 1x and 10x the dataset;
+           time per epoch and peak RSS of a real train.py run at 1x, 4x, 16x
+  eval     beam-search evaluation samples/s with 1 and 2 ranks (torchrun, generation-bound)
+  startup  `train.py --help`, `train.py dialogue --help` wall time; launch-to-first-step
+"""
+
+import argparse
+import copy
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TRAIN = [sys.executable, str(HERE / "train.py")]
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def children_cpu() -> float:
+    """CPU seconds used so far by this process's live children (DataLoader workers): /proc/PID/stat utime+stime."""
+    me, tick, total = str(os.getpid()), os.sysconf("SC_CLK_TCK"), 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if fields[1] == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+class Interleaver:
+    """Times a contender (train.py's loop, HF Trainer) and the bare loop in turns, on the same windows of batches.
+
+    `turn(step)` is called by the contender at the end of every window: it closes the contender's window (wall
+    time; CPU time of this process plus its loader workers' CPU since the last turn, which also covers the batches
+    they prefetched while the bare loop ran), then runs the bare loop on the same batches (wall and CPU time).
+    The first window is warm-up for both."""
+
+    def __init__(self, bare: "BareLoop", batches: list[dict]):
+        self.bare, self.batches = bare, batches
+        self.pairs = []  # (contender wall, bare wall, contender cpu, bare cpu, contender cpu in this process)
+        self.done, self.exit, self.enter_kids = 0, None, None
+
+    def turn(self, step: int) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        kids = children_cpu()
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        self.bare.run(self.batches[self.done : step])
+        bare_wall, bare_cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+        if self.exit is not None:
+            ours_wall = wall - self.exit[0]
+            ours_cpu = cpu - self.exit[1] + kids - self.enter_kids
+            self.pairs.append((ours_wall, bare_wall, ours_cpu, bare_cpu, cpu - self.exit[1]))
+        self.done, self.enter_kids = step, kids
+        self.exit = (time.perf_counter(), time.process_time())
+
+    def summary(self, window: int, name: str) -> dict:
+        wall, bare_wall, cpu, bare_cpu, main_cpu = zip(*self.pairs, strict=True)
+        return {
+            f"{name}_steps_per_s": window / median(wall),
+            f"bare_{name}_steps_per_s": window / median(bare_wall),
+            f"{name}_vs_bare": median([b / o for o, b in zip(wall, bare_wall, strict=True)]),
+            f"{name}_vs_bare_cpu": median([b / o for o, b in zip(cpu, bare_cpu, strict=True)]),
+            f"{name}_vs_bare_main_cpu": median([b / o for o, b in zip(main_cpu, bare_cpu, strict=True)]),
+            f"{name}_windows": len(wall),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A bare loop: the same forward/backward/clip/AdamW/schedule step, on batches built before the clock starts
+
+
+class BareLoop:
+    """What a user would write by hand: no loader, no logging, no bookkeeping."""
+
+    def __init__(self, model, cfg, total_steps: int):
+        import torch
+
+        import train
+
+        self.torch, self.model, self.cfg = torch, model, cfg
+        self.optimizer = train.build_optimizer(model, cfg, fused=False)
+        factor = partial(train.lr_factor, cfg=cfg, total_steps=total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        model.train()
+
+    def run(self, batches) -> None:
+        for batch in batches:
+            loss_sum, count = self.model(batch)
+            (loss_sum / count).backward()
+            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def build_side(argv: list[str], workdir: Path):
+    """The task, datasets and an initial model exactly as train.main builds them for `argv` (same seed)."""
+    import torch
+
+    import train
+    from tasks import TASKS
+
+    name, cfg = train.parse_config(argv)
+    torch.manual_seed(cfg.seed)
+    task = TASKS[name][0](cfg)
+    datasets = task.build_datasets()
+    model = task.build_model(datasets["train"], workdir / "tokenizer")
+    return task, datasets, model, cfg
+
+
+def prebuilt_batches(task, dataset, cfg, steps: int) -> list[dict]:
+    """The batches train.py's loader yields, in its order (ResumableSampler, epoch by epoch), built up front."""
+    import torch
+
+    from data import ResumableSampler
+
+    sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, cfg.batch_size, sampler=sampler, collate_fn=partial(task.collate, train=True), drop_last=True
+    )
+    batches, epoch = [], 0
+    while len(batches) < steps:
+        sampler.set_epoch(epoch)
+        batches += list(loader)
+        epoch += 1
+    return batches[:steps]
+
+
+def heldout_loss(model, task, dataset) -> float:
+    """Token-mean loss on the val split (collated as training batches): compares models after the same steps."""
+    import torch
+
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(0, len(dataset), 32):
+            batch = task.collate([dataset[j] for j in range(i, min(i + 32, len(dataset)))], train=True)
+            loss_sum, n = model(batch)
+            total, count = total + loss_sum.item(), count + n.item()
+    model.train()
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1 + 2: train.py's loop vs a bare loop vs HF Trainer
+
+
+def bench_loop(args, work: Path) -> dict:
+    import torch
+
+    import train
+
+    steps, window = args.steps, args.window
+    out = work / "ours"
+    argv = ["dialogue", "--max-steps", str(steps), "--log-every", str(window), "--eval-every", str(steps)]
+    argv += ["--output-dir", str(out), "--overwrite", "--num-beams", "1", "--no-report-metric"]
+    argv += ["--model.dropout", str(args.dropout), "--wandb.mode", "disabled", "--data.cache-dir", str(work / "cache")]
+    argv += shlex.split(args.train_flags)
+    task, datasets, model0, cfg = build_side(argv, work)
+    batches = prebuilt_batches(task, datasets["train"], cfg, steps)
+
+    # ours: train.main runs for real; at every train log event the bare loop runs the same window of batches.
+    bare = BareLoop(copy.deepcopy(model0), cfg, steps)
+    ours = Interleaver(bare, batches)
+
+    class InterleavingLogger(train.Logger):
+        def log(self, step, metrics):
+            super().log(step, metrics)  # writing the log is part of the loop's cost: in this window
+            if "train/loss" in metrics:
+                ours.turn(step)
+
+    real_logger, train.Logger = train.Logger, InterleavingLogger
+    try:
+        train.main(argv)
+    finally:
+        train.Logger = real_logger
+    ours_model = copy.deepcopy(model0)
+    ours_model.load_state_dict(torch.load(out / "ckpt_last.pt", weights_only=True)["model"])
+
+    # HF Trainer, interleaved the same way with a fresh bare loop.
+    hf_model, hf = hf_trainer_run(args, cfg, task, datasets, copy.deepcopy(model0), batches, work)
+
+    loop = {
+        "steps": steps,
+        "window": window,
+        "threads": args.threads,
+        **ours.summary(window, "ours"),
+        **hf.summary(window, "hf"),
+        "loss_ours": heldout_loss(ours_model, task, datasets["val"]),
+        "loss_bare": heldout_loss(bare.model, task, datasets["val"]),
+        "loss_hf": heldout_loss(hf_model, task, datasets["val"]),
+        "loss_bare_hf": heldout_loss(hf.bare.model, task, datasets["val"]),
+    }
+    loop["ours_vs_hf"] = loop["ours_vs_bare"] / loop["hf_vs_bare"]
+    loop["ours_vs_hf_cpu"] = loop["ours_vs_bare_cpu"] / loop["hf_vs_bare_cpu"]
+    return loop
+
+
+def hf_trainer_run(args, cfg, task, datasets, model, batches, work: Path):
+    """The same model, data order (our sampler), optimizer, schedule and clipping through transformers.Trainer."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    import train
+    from data import ResumableSampler
+
+    steps, window = args.steps, args.window
+
+    class LossModel(torch.nn.Module):
+        """Trainer wants `model(**batch)["loss"]` (a mean); ours returns (summed loss, count)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, features, input_ids, token_type_ids, attention_mask, is_visual, visual_index, labels, ids):
+            batch = dict(features=features, input_ids=input_ids, token_type_ids=token_type_ids, labels=labels)
+            batch.update(attention_mask=attention_mask, is_visual=is_visual, visual_index=visual_index)
+            loss_sum, count = self.inner(batch)
+            return {"loss": loss_sum / count}
+
+    class OurSampler(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return ResumableSampler(self.train_dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+
+    wrapped = LossModel(model)
+    optimizer = train.build_optimizer(model, cfg, fused=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(train.lr_factor, cfg=cfg, total_steps=steps))
+    hf = Interleaver(BareLoop(copy.deepcopy(model), cfg, steps), batches)
+
+    class Interleave(TrainerCallback):
+        def on_step_end(self, targs, tstate, control, **kwargs):
+            if tstate.global_step % window == 0:
+                hf.turn(tstate.global_step)
+
+    targs = TrainingArguments(
+        output_dir=str(work / "hf"),
+        max_steps=steps,
+        per_device_train_batch_size=cfg.batch_size,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=window,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=cfg.data.num_workers,
+        dataloader_persistent_workers=cfg.data.num_workers > 0,
+        dataloader_drop_last=True,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        seed=cfg.seed,
+        use_cpu=True,
+    )
+    trainer = OurSampler(
+        model=wrapped,
+        args=targs,
+        train_dataset=datasets["train"],
+        data_collator=partial(task.collate, train=True),
+        optimizers=(optimizer, scheduler),
+        callbacks=[Interleave()],
+    )
+    trainer.train()
+    return model, hf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A bigger AVSD-format dataset at real feature sizes (synthetic text, random features), for data/eval/scaling
+
+
+WORDS = [
+    "the",
+    "a",
+    "person",
+    "man",
+    "woman",
+    "room",
+    "kitchen",
+    "table",
+    "cup",
+    "book",
+    "door",
+    "walks",
+    "picks",
+    "up",
+    "puts",
+    "down",
+    "looks",
+    "at",
+    "holds",
+    "opens",
+]
+
+
+def sentence(rng, n: int) -> str:
+    return " ".join(rng.choice(WORDS, size=n)) + "."
+
+
+def make_features(features: Path, n_videos: int, frames: int, seed: int = 0) -> None:
+    from data import AVSD_STREAMS
+
+    rng = np.random.default_rng(seed)
+    for stream in AVSD_STREAMS:
+        (features / stream).mkdir(parents=True, exist_ok=True)
+    for i in range(n_videos):
+        length = int(rng.integers(frames // 2, frames + 1))
+        for stream, width in AVSD_STREAMS.items():
+            n = length + (4 if stream == "vggish" else 0)  # vggish runs at a higher rate; aligned when read
+            np.save(features / stream / f"v{i:05d}.npy", rng.standard_normal((n, width), dtype=np.float32))
+
+
+def make_root(root: Path, features: Path, train_videos: int, val_videos: int, seed: int = 0) -> Path:
+    """ROOT/annotations/{train,val}.json (10-turn dialogs) over the first videos of a shared feature directory."""
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    if not (root / "features").exists():
+        (root / "features").symlink_to(features)
+
+    def dialogs(ids):
+        return {
+            "dialogs": [
+                {
+                    "image_id": f"v{i:05d}",
+                    "caption": sentence(rng, 8),
+                    "summary": sentence(rng, 12),
+                    "dialog": [{"question": sentence(rng, 7), "answer": sentence(rng, 6)} for _ in range(10)],
+                }
+                for i in ids
+            ]
+        }
+
+    (root / "annotations" / "train.json").write_text(json.dumps(dialogs(range(train_videos))))
+    (root / "annotations" / "val.json").write_text(json.dumps(dialogs(range(val_videos))))
+    return root
+
+
+def child_rss(cmd: list[str], env: dict) -> tuple[str, float, float]:
+    """Run `cmd` under a fresh Python parent that reports the peak RSS (MiB) of the largest process in its tree."""
+    wrapper = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "sys.stderr.write(r.stderr[-3000:]) if r.returncode else None\n"
+        "print(r.stdout); print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,"
+        " time.perf_counter() - t, r.returncode)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", wrapper, *cmd], env=env, capture_output=True, text=True)
+    last = [line for line in result.stdout.splitlines() if line.startswith("RSS ")]
+    if not last:
+        raise RuntimeError(f"{cmd} failed:\n{result.stderr[-3000:]}")
+    _, rss, wall, code = last[-1].split()
+    if int(code) != 0:
+        raise RuntimeError(f"{cmd} exited {code}:\n{result.stderr[-3000:]}")
+    return result.stdout, float(rss), float(wall)
+
+
+def loader_child(root: str, rounds: int = 3, chunk: int = 20, steps: int = 2) -> None:
+    """(subprocess) The DataLoader train.py builds over `root`: batches/s it delivers vs training steps/s (bare
+    loop) on its batches, measured in turns so that both see the same machine load; prints JSON."""
+    import torch
+
+    from data import ResumableSampler
+
+    task, datasets, model, cfg = build_side(["dialogue", "--data.root", root], Path(tempfile.mkdtemp()))
+    dataset = datasets["train"]
+    loader = torch.utils.data.DataLoader(  # the arguments train.py's loader() uses for training on CPU
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed),
+        collate_fn=partial(task.collate, train=True),
+        num_workers=cfg.data.num_workers,
+        drop_last=True,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+
+    def endless(loader):  # epoch after epoch, as training reads it
+        for epoch in range(10**6):
+            loader.sampler.set_epoch(epoch)
+            yield from loader
+
+    it = endless(loader)
+    bare = BareLoop(model, cfg, rounds * steps + 1)
+    bare.run([next(it)])  # warm-up
+    prefetched = max(1, cfg.data.num_workers) * 2  # batches the workers got ahead while training ran
+    deliver, consume = [], []
+    for _ in range(rounds):
+        for _ in range(prefetched):
+            next(it)
+        start = time.perf_counter()
+        for _ in range(chunk):
+            next(it)
+        deliver.append(chunk / (time.perf_counter() - start))
+        batches = [next(it) for _ in range(steps)]
+        start = time.perf_counter()
+        bare.run(batches)
+        consume.append(steps / (time.perf_counter() - start))
+    del it, loader
+    ratio = median([d / c for d, c in zip(deliver, consume, strict=True)])
+    print(json.dumps({"batches_per_s": median(deliver), "steps_per_s": median(consume), "ratio": ratio}))
+
+
+def bench_data(args, work: Path, env: dict) -> dict:
+    base = args.videos
+    features = work / "features"
+    started = time.perf_counter()
+    make_features(features, 16 * base, args.frames)
+    gen_s = time.perf_counter() - started
+    roots = {k: make_root(work / f"avsd-{k}x", features, k * base, 4) for k in (1, 4, 10, 16)}
+    result = {"frames_max": args.frames, "videos_1x": base, "generate_s": gen_s}
+
+    for k in (1, 10):
+        out, rss, _ = child_rss([sys.executable, __file__, "--loader-child", str(roots[k])], env)
+        measured = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+        result[f"loader_{k}x_batches_per_s"] = measured["batches_per_s"]
+        result[f"train_{k}x_steps_per_s"] = measured["steps_per_s"]
+        result[f"loader_vs_train_{k}x"] = measured["ratio"]
+        result[f"loader_{k}x_peak_rss_mib"] = rss
+
+    for k in (1, 4, 16):
+        run_dir = work / f"epoch-{k}x"
+        cmd = [*TRAIN, "dialogue", "--data.root", str(roots[k]), "--max-epochs", "1", "--output-dir", str(run_dir)]
+        cmd += ["--overwrite", "--num-beams", "1", "--no-report-metric", "--log-every", "5", "--wandb.mode", "disabled"]
+        _, rss, wall = child_rss(cmd, env)
+        result[f"epoch_{k}x_s"] = train_seconds(run_dir)
+        result[f"epoch_{k}x_steps"] = 10 * k * base // 16
+        result[f"epoch_{k}x_peak_rss_mib"] = rss
+        result[f"epoch_{k}x_wall_s"] = wall
+    # Linear cost: the time per extra step from 4x to 16x (fixed costs cancel) vs the 16x average.
+    extra_steps = result["epoch_16x_steps"] - result["epoch_4x_steps"]
+    result["marginal_s_per_step"] = (result["epoch_16x_s"] - result["epoch_4x_s"]) / extra_steps
+    return result
+
+
+def train_seconds(run_dir: Path) -> float:
+    """Training time (eval excluded) from metrics.jsonl: every window's samples / samples_per_s."""
+    import yaml
+
+    batch_size = yaml.safe_load((run_dir / "config.yaml").read_text())["batch_size"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    total, last_step = 0.0, 0
+    for row in rows:
+        if "train/samples_per_s" in row:
+            total += (row["step"] - last_step) * batch_size / row["train/samples_per_s"]
+            last_step = row["step"]
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4: evaluation, 1 rank vs 2 ranks
+
+
+def bench_eval(args, work: Path, env: dict) -> dict:
+    features = work / "features"
+    if not features.is_dir():
+        make_features(features, 16 * args.videos, args.frames)
+    root = make_root(work / "avsd-eval", features, 2, args.eval_samples)
+    run = work / "eval-run"
+    common = ["--data.root", str(root), "--wandb.mode", "disabled", "--eval-batch-size", str(args.eval_batch)]
+    # A checkpoint to evaluate, made by train.py itself (one step; its own eval is greedy and unscored).
+    cmd = [*TRAIN, "dialogue", *common, "--max-steps", "1", "--output-dir", str(run), "--overwrite"]
+    subprocess.run([*cmd, "--num-beams", "1", "--no-report-metric"], env=env, check=True, capture_output=True)
+    result = {"eval_samples": args.eval_samples, "num_beams": args.beams, "eval_batch": args.eval_batch}
+    evaluate = ["dialogue", *common, "--evaluate", "--resume", str(run / "ckpt_last.pt"), "--no-report-metric"]
+    evaluate += ["--num-beams", str(args.beams), "--min-len", "20", "--max-len", "20"]
+    rates = {1: [], 2: []}
+    for _ in range(args.repeats):
+        for ranks in (1, 2):
+            out = work / f"eval-{ranks}"
+            launcher = [*TRAIN] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run"]
+            if ranks > 1:
+                launcher += ["--nproc-per-node", str(ranks), "--master-port", str(29500 + os.getpid() % 1000)]
+                launcher += [str(HERE / "train.py")]
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            cmd = [*launcher, *evaluate, "--output-dir", str(out)]
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr[-3000:])
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rates[ranks].append(next(row["val/samples_per_s"] for row in rows if "val/samples_per_s" in row))
+    result["rank1_samples_per_s"] = median(rates[1])
+    result["rank2_samples_per_s"] = median(rates[2])
+    result["rank2_vs_rank1"] = median([b / a for a, b in zip(rates[1], rates[2], strict=True)])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5: start-up
+
+
+def bench_startup(args, work: Path, env: dict) -> dict:
+    result = {}
+    for label, cmd in {"help": ["--help"], "task_help": ["dialogue", "--help"]}.items():
+        walls = []
+        for _ in range(args.repeats + 2):
+            start = time.perf_counter()
+            subprocess.run([*TRAIN, *cmd], env=env, check=True, capture_output=True)
+            walls.append(time.perf_counter() - start)
+        result[f"{label}_s"] = median(walls)
+    import data
+
+    data.embedded_root(work / "cache", data.EMBEDDED_VERSION, data.make_embedded_avsd)  # not part of start-up
+    firsts = []
+    for i in range(args.repeats):
+        out = work / f"first-step-{i}"
+        metrics = out / "metrics.jsonl"
+        cmd = [*TRAIN, "dialogue", "--max-steps", "2", "--log-every", "1", "--output-dir", str(out), "--overwrite"]
+        cmd += ["--num-beams", "1", "--no-report-metric", "--wandb.mode", "disabled"]
+        cmd += ["--data.cache-dir", str(work / "cache")]
+        start = time.perf_counter()
+        quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, **quiet)
+        while not (metrics.is_file() and metrics.stat().st_size > 0):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd} exited {proc.returncode} before its first step")
+            time.sleep(0.005)
+        firsts.append(time.perf_counter() - start)
+        os.killpg(proc.pid, signal.SIGKILL)  # train.py and its loader workers: nothing left running
+        proc.wait()
+    result["first_step_s"] = median(firsts)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cpu_ratios(r: dict, name: str) -> str:
+    return f"{r[name + '_vs_bare_main_cpu']:.3f} ({r[name + '_vs_bare_cpu']:.3f})"
+
+
+def table(results: dict) -> str:
+    rows = []
+    if "loop" in results:
+        r = results["loop"]
+        rows += [
+            ("loop: train.py steps/s", f"{r['ours_steps_per_s']:.2f}", ""),
+            ("loop: bare loop steps/s (beside train.py)", f"{r['bare_ours_steps_per_s']:.2f}", ""),
+            ("loop: train.py / bare: wall", f"{r['ours_vs_bare']:.3f}", ">= 0.97"),
+            ("loop: train.py / bare: CPU, main process (+ workers)", cpu_ratios(r, "ours"), ""),
+            ("loop: HF Trainer steps/s", f"{r['hf_steps_per_s']:.2f}", ""),
+            ("loop: bare loop steps/s (beside HF)", f"{r['bare_hf_steps_per_s']:.2f}", ""),
+            ("loop: HF Trainer / bare: wall", f"{r['hf_vs_bare']:.3f}", ""),
+            ("loop: HF Trainer / bare: CPU, main process (+ workers)", cpu_ratios(r, "hf"), ""),
+            ("loop: train.py / HF: wall (CPU + workers)", f"{r['ours_vs_hf']:.3f} ({r['ours_vs_hf_cpu']:.3f})", ">= 1"),
+            (
+                f"loop: val loss after {r['steps']} steps",
+                " ".join(f"{k} {r['loss_' + k]:.5f}" for k in ("ours", "bare", "hf", "bare_hf")),
+                "equal",
+            ),
+        ]
+    if "data" in results:
+        r = results["data"]
+        rows += [
+            ("data: loader batches/s (10x)", f"{r['loader_10x_batches_per_s']:.1f}", ""),
+            ("data: training steps/s (same batches, in turns)", f"{r['train_10x_steps_per_s']:.2f}", ""),
+            (
+                "data: loader / training, 1x; 10x",
+                f"{r['loader_vs_train_1x']:.1f}; {r['loader_vs_train_10x']:.1f}",
+                ">= 10",
+            ),
+            (
+                "data: peak RSS 1x / 10x (MiB)",
+                f"{r['loader_1x_peak_rss_mib']:.0f} / {r['loader_10x_peak_rss_mib']:.0f}",
+                "flat",
+            ),
+        ]
+        for k in (1, 4, 16):
+            rows.append(
+                (
+                    f"scale {k}x: epoch s ({r[f'epoch_{k}x_steps']} steps), s/step, peak RSS MiB",
+                    f"{r[f'epoch_{k}x_s']:.1f}, {r[f'epoch_{k}x_s'] / r[f'epoch_{k}x_steps']:.3f}, "
+                    f"{r[f'epoch_{k}x_peak_rss_mib']:.0f}",
+                    "linear, flat",
+                )
+            )
+        rows.append(("scale: s per extra step from 4x to 16x", f"{r['marginal_s_per_step']:.3f}", "linear"))
+    if "eval" in results:
+        r = results["eval"]
+        rows += [
+            ("eval: 1 rank samples/s", f"{r['rank1_samples_per_s']:.2f}", ""),
+            ("eval: 2 ranks samples/s", f"{r['rank2_samples_per_s']:.2f}", ""),
+            ("eval: 2 ranks / 1 rank", f"{r['rank2_vs_rank1']:.2f}", ">= 1.7"),
+        ]
+    if "startup" in results:
+        r = results["startup"]
+        rows += [
+            ("startup: train.py --help s", f"{r['help_s']:.2f}", "<= 2.5"),
+            ("startup: train.py dialogue --help s", f"{r['task_help_s']:.2f}", "<= 2.5"),
+            ("startup: launch to first step s", f"{r['first_step_s']:.2f}", ""),
+        ]
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b:>{vwidth}}  {c}" for a, b, c in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=["startup", "loop", "data", "eval"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) everywhere")
+    parser.add_argument("--steps", type=int, default=150, help="loop: training steps per contender")
+    parser.add_argument("--window", type=int, default=10, help="loop: steps per interleaved timing window")
+    parser.add_argument("--dropout", type=float, default=0.0, help="loop: 0 so losses can be compared exactly")
+    parser.add_argument("--videos", type=int, default=8, help="data: videos (10 dialog turns each) at 1x")
+    parser.add_argument("--frames", type=int, default=300, help="data: longest video, frames (cut to 200 on load)")
+    parser.add_argument("--eval-samples", type=int, default=64, help="eval: dialogs evaluated")
+    parser.add_argument("--eval-batch", type=int, default=16)
+    parser.add_argument("--beams", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="eval/startup: runs per measurement (median)")
+    parser.add_argument("--train-flags", default="", help="loop: extra train.py flags, e.g. --train-flags=--compile")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--loader-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.loader_child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        loader_child(args.loader_child)
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="vltasks-bench-") as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "XDG_CACHE_HOME": str(work / "xdg"), "PYTHONUNBUFFERED": "1"}
+        os.environ["XDG_CACHE_HOME"] = str(work / "xdg")
+        sections = {
+            "startup": lambda: bench_startup(args, work, env),
+            "loop": lambda: bench_loop(args, work),
+            "data": lambda: bench_data(args, work, env),
+            "eval": lambda: bench_eval(args, work, env),
+        }
+        for name in args.only:
+            started = time.perf_counter()
+            results[name] = sections[name]()
+            print(f"[{name}: {time.perf_counter() - started:.0f} s] {json.dumps(results[name])}", flush=True)
+    print(f"\n{results['date']}, {results['cpus']} CPUs, {args.threads} thread(s)\n" + table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
