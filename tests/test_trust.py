@@ -27,7 +27,7 @@ TINY = [
 ]  # fmt: skip
 # No dropout where runs with different rank/micro-batch layouts are compared: their dropout draws differ by design.
 EXACT = ["--model.dropout", "0", "--max-steps", "6"]
-THROUGHPUT = ("train/samples_per_s", "train/tokens_per_s")
+THROUGHPUT = ("train/samples_per_s", "train/tokens_per_s", "train/mfu", "val/samples_per_s", "test/samples_per_s")
 pytestmark = pytest.mark.slow  # real training runs, many under torchrun (~2-3 min on 2 cores)
 WORKERS = ["--data.num-workers", "2"]  # where the data position and worker seeding matter: resume
 

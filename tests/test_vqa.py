@@ -3,7 +3,6 @@ learning run (generate and rank) with the shuffled-features ablation."""
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +13,6 @@ import tasks
 import train
 from data import InputError
 from tasks import answer_accuracy, normalize_answer, vqa_accuracy
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quiet_env(tmp_path_factory):
-    """No wandb, and a private cache so the embedded datasets this module generates collide with nobody's."""
-    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "XDG_CACHE_HOME")}
-    os.environ.update(WANDB_MODE="disabled", XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.mark.parametrize(
