@@ -160,6 +160,13 @@ class GenerationConfig(TaskConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The registry: task name → (task class, default config). Each task adds its entry right after its class; a variant
+# of a task is another entry with `dataclasses.replace` of its default config.
+
+TASKS: dict[str, tuple[type["BaseTask"], TaskConfig]] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The base task
 
 
@@ -437,6 +444,9 @@ class DialogueTask(GPT2Task):
         return batch
 
 
+TASKS["dialogue"] = (DialogueTask, DialogueConfig())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image captioning (COCO Karpathy) and VQA (VQAv2): image features in front of the text
 
@@ -506,6 +516,9 @@ class CaptioningTask(GPT2Task):
         if metrics:
             metrics["agg_metrics"] = metrics["CIDEr"] + metrics["Bleu_4"]  # LAVIS's checkpoint selection
         return metrics
+
+
+TASKS["captioning"] = (CaptioningTask, CaptioningConfig())
 
 
 @dataclass(frozen=True)
@@ -649,6 +662,11 @@ class VQATask(GPT2Task):
 
 # The official VQA accuracy (visualqa.org/evaluation): answers are normalised, then a prediction's accuracy is the
 # mean over the 10 leave-one-annotator-out subsets of min(1, #matching answers / 3). Reported in percent.
+
+
+TASKS["vqa"] = (VQATask, VQAConfig())
+
+
 _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 _PERIOD = re.compile(r"\.(?!\d)")  # what the official `(?!<=\d)(\.)(?!\d)` does: a period not before a digit
 _COMMA_IN_NUMBER = re.compile(r"\d,\d")
@@ -859,6 +877,9 @@ class RetrievalTask(EncoderTask):
         )
 
 
+TASKS["retrieval"] = (RetrievalTask, RetrievalConfig())
+
+
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
     """Every rank's `x` concatenated along dim 0 (same shape on every rank), differentiable: gradients flowing
     into another rank's part are sent back to it and summed there."""
@@ -946,6 +967,9 @@ class ClassificationTask(EncoderTask):
         return accuracy_metrics([r["prediction"] for r in results], [r["label"] for r in results], self.LABELS)
 
 
+TASKS["classification"] = (ClassificationTask, ClassificationConfig())
+
+
 def accuracy_metrics(predictions: list, labels: list, classes) -> dict[str, float]:
     """accuracy (= agg_metrics) and acc_{class} (accuracy among the samples of that class), in percent."""
     hits = [p == y for p, y in zip(predictions, labels, strict=True)]
@@ -956,18 +980,6 @@ def accuracy_metrics(predictions: list, labels: list, classes) -> dict[str, floa
             metrics[f"acc_{c}"] = 100 * sum(of_class) / len(of_class)
     metrics["agg_metrics"] = metrics["accuracy"]
     return metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The registry: task name → (task class, default config). Variants are dataclasses.replace of a default.
-
-TASKS: dict[str, tuple[type[BaseTask], TaskConfig]] = {
-    "dialogue": (DialogueTask, DialogueConfig()),
-    "captioning": (CaptioningTask, CaptioningConfig()),
-    "vqa": (VQATask, VQAConfig()),
-    "retrieval": (RetrievalTask, RetrievalConfig()),
-    "classification": (ClassificationTask, ClassificationConfig()),
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------
