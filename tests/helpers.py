@@ -1,5 +1,5 @@
-"""Helpers for the encoder-task tests (retrieval, classification, the adding-a-task guide): train.py that must
-succeed, metrics.jsonl, and the untrained baseline a training run must beat."""
+"""Helpers for end-to-end tests: train.py that must succeed, metrics.jsonl, and the untrained baseline a training
+run must beat."""
 
 import dataclasses
 import json
