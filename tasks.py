@@ -294,6 +294,11 @@ class GPT2Task(BaseTask):
         self.token = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
         lm = models.build_gpt2(cfg, self.tokenizer)
         self.max_positions = lm.config.n_positions
+        if self.cfg.data.max_feature_len + self.cfg.max_len + 16 > self.max_positions:
+            raise InputError(
+                f"--data.max-feature-len {self.cfg.data.max_feature_len} + --max-len {self.cfg.max_len} leave no room "
+                f"for text in the model's {self.max_positions} positions"
+            )
         return models.FeatureGPT2(lm, train_set.features.dim, cfg.video_loss_weight)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
@@ -352,7 +357,7 @@ def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore, load) -> 
 
 
 def pack_features_and_text(rows, samples, pad_id: int, left: bool) -> dict:
-    """rows = (n_frames, text_ids, token_types) per sample → one packed, padded sequence per sample, laid out as
+    """rows = (n_frames, text_ids, token_types, labels) per sample → one packed, padded sequence per sample, laid out as
     [frames | text]: `is_visual`/`visual_index` say which positions take which feature frame (see FeatureGPT2)."""
     features, _ = data.stack_features([s["features"] for s in samples])
     seqs = [[pad_id] * frames + ids for frames, ids, _, _ in rows]
