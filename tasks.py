@@ -294,11 +294,6 @@ class GPT2Task(BaseTask):
         self.token = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
         lm = models.build_gpt2(cfg, self.tokenizer)
         self.max_positions = lm.config.n_positions
-        if self.cfg.data.max_feature_len + self.cfg.max_len + 16 > self.max_positions:
-            raise InputError(
-                f"--data.max-feature-len {self.cfg.data.max_feature_len} + --max-len {self.cfg.max_len} leave no room "
-                f"for text in the model's {self.max_positions} positions"
-            )
         return models.FeatureGPT2(lm, train_set.features.dim, cfg.video_loss_weight)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
@@ -430,6 +425,11 @@ class DialogueTask(GPT2Task):
             caption, history, question = parts[0], parts[1:-1], parts[-1]
             frames = len(s["features"])
             budget = self.max_positions - frames - 1 - (len(answer) + 1 if train else self.cfg.max_len)
+            if budget < 1:
+                raise InputError(
+                    f"sample {s['id']}: {frames} feature frames leave no room for text in the model's "
+                    f"{self.max_positions} positions: lower --data.max-feature-len"
+                )
             while True:
                 segments = [(tok["<cap>"], caption)] if self.cfg.use_caption else []
                 segments += [(tok["<speaker1>"] if i % 2 == 0 else tok["<speaker2>"], t) for i, t in enumerate(history)]

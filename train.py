@@ -689,7 +689,8 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Raised in a DataLoader worker, the message carries the worker's traceback; its last line is ours.
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.InputError: ')}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -76,3 +76,30 @@ def test_preset_with_unknown_key_or_wrong_type_names_it(tmp_path: Path):
     bad.write_text("task: dialogue\ndata:\n  num_workers: two\n")
     with pytest.raises(InputError, match="data: num_workers: expected int, got 'two'"):
         train.parse_config(["dialogue", "--config", str(bad)])
+
+
+def test_bad_input_found_in_a_loader_worker_is_one_clear_line(tmp_path: Path):
+    """Errors raised while a DataLoader worker builds a batch arrive wrapped in the worker's traceback; the user
+    still gets one line naming the sample, and exit 2."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "dialogue",
+            "--model.n-positions",
+            "16",
+            "--max-steps",
+            "1",
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--data.num-workers",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.replace("\r", "\n").splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "leave no room for text in the model's 16 positions" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
