@@ -187,7 +187,7 @@ def test_two_ranks_match_one_rank(tmp_path):
 
 
 GRADIENT_SCRIPT = """
-import dataclasses, os, sys
+import dataclasses, gc, os, sys
 from pathlib import Path
 
 import torch
@@ -197,36 +197,42 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, sys.argv[1])
 import tasks
 
-out = Path(sys.argv[2])
+
+def main(distributed):
+    out = Path(sys.argv[2])
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    default = tasks.RetrievalConfig()
+    cfg = dataclasses.replace(
+        default,
+        data=dataclasses.replace(default.data, num_workers=0),
+        model=dataclasses.replace(default.model, dropout=0.0),
+    )
+    task = tasks.RetrievalTask(cfg)
+    train = task.build_datasets()["train"]
+    torch.manual_seed(0)
+    model = task.build_model(train, out / f"tokenizer{world}")
+    wrapped = DistributedDataParallel(model) if distributed else model
+    # 8 images x 2 captions; rank 0 gets each image's first caption, rank 1 its second: positives across ranks.
+    batch = task.collate([train[i] for i in range(16)][rank::world], train=True)
+    loss, count = task.train_step(wrapped, batch)
+    loss.backward()
+    stats = torch.stack([loss.detach(), count.float()])
+    if distributed:
+        dist.all_reduce(stats)
+    for p in model.parameters():  # the loop's normalisation: DDP averaged over ranks; make it the global mean
+        p.grad *= world / stats[1]
+    if rank == 0:
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        torch.save({"loss": stats[0] / stats[1], "grads": grads}, out / f"grads{world}.pt")
+
+
 distributed = "RANK" in os.environ
 if distributed:
     dist.init_process_group("gloo")
-rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-default = tasks.RetrievalConfig()
-cfg = dataclasses.replace(
-    default,
-    data=dataclasses.replace(default.data, num_workers=0),
-    model=dataclasses.replace(default.model, dropout=0.0),
-)
-task = tasks.RetrievalTask(cfg)
-train = task.build_datasets()["train"]
-torch.manual_seed(0)
-model = task.build_model(train, out / f"tokenizer{world}")
-wrapped = DistributedDataParallel(model) if distributed else model
-# 8 images x 2 captions; rank 0 gets each image's first caption, rank 1 its second: positives across ranks.
-batch = task.collate([train[i] for i in range(16)][rank::world], train=True)
-loss, count = task.train_step(wrapped, batch)
-loss.backward()
-stats = torch.stack([loss.detach(), count.float()])
-if distributed:
-    dist.all_reduce(stats)
-for p in model.parameters():  # the loop's normalisation: DDP averaged over ranks; make it the global mean
-    p.grad *= world / stats[1]
-if rank == 0:
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    torch.save({"loss": stats[0] / stats[1], "grads": grads}, out / f"grads{world}.pt")
-if distributed:  # DDP's gloo work freed at interpreter teardown would abort the process
-    del wrapped
+main(distributed)
+if distributed:  # gloo work (DDP, the gather's autograd) freed at interpreter teardown would abort the process
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 """
 
