@@ -35,3 +35,25 @@ def untrained_metrics(task_name: str, tmp_path: Path, seed: int = 42) -> dict[st
     model = task.build_model(datasets["train"], tmp_path / "tokenizer").eval()
     loader = DataLoader(datasets["val"], batch_size=32, collate_fn=partial(task.collate, train=False))
     return task.after_evaluation(task.evaluation(model, loader, lambda batch: batch), "val")
+
+
+def shuffled_val_metric(task_name: str, run_dir: Path, out_dir: Path, key: str, *flags) -> float:
+    """The run's best checkpoint evaluated with every sample given another sample's features: val `key`."""
+    args = ["--evaluate", "--resume", run_dir / "ckpt_best.pt", "--output-dir", out_dir, "--data.shuffle-features"]
+    train_ok([task_name, *args, *flags])
+    (value,) = [m[key] for m in read_metrics(out_dir) if key in m]
+    return value
+
+
+def write_image_dataset(root: Path, splits: dict[str, list], features: dict[str, tuple], seed: int = 0) -> Path:
+    """The image tasks' real layout: ROOT/annotations/{split}.json and a random ROOT/features/{id}.npy per id."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    (root / "annotations").mkdir(parents=True)
+    (root / "features").mkdir()
+    for split, entries in splits.items():
+        (root / "annotations" / f"{split}.json").write_text(json.dumps(entries))
+    for image_id, shape in features.items():
+        np.save(root / "features" / f"{image_id}.npy", rng.standard_normal(shape).astype(np.float32))
+    return root

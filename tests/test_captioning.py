@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_image_dataset
 
 import data
 import tasks
@@ -19,7 +20,6 @@ WIDTH = 16
 
 def write_root(root: Path, train=None, val=None, features=None) -> Path:
     """A tiny dataset in the real layout: Karpathy-style annotations and one .npy per image."""
-    rng = np.random.default_rng(0)
     train = (
         train
         if train is not None
@@ -43,13 +43,7 @@ def write_root(root: Path, train=None, val=None, features=None) -> Path:
         if features is not None
         else {"a": (WIDTH,), "b": (3, WIDTH), "COCO_val2014_000000000042": (WIDTH,), "c": (2, WIDTH)}
     )
-    (root / "annotations").mkdir(parents=True)
-    (root / "features").mkdir()
-    for split, entries in (("train", train), ("val", val)):
-        (root / "annotations" / f"{split}.json").write_text(json.dumps(entries))
-    for image_id, shape in features.items():
-        np.save(root / "features" / f"{image_id}.npy", rng.standard_normal(shape).astype(np.float32))
-    return root
+    return write_image_dataset(root, {"train": train, "val": val}, features)
 
 
 def task_for(root: Path, **changes) -> tasks.CaptioningTask:

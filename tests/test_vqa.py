@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_image_dataset
 
 import tasks
 import train
@@ -74,7 +75,6 @@ WIDTH = 16
 
 
 def write_root(root: Path, train_entries=None, val_entries=None, features=None) -> Path:
-    rng = np.random.default_rng(0)
     if train_entries is None:
         train_entries = [
             {
@@ -90,13 +90,7 @@ def write_root(root: Path, train_entries=None, val_entries=None, features=None) 
         val_entries = [{"question_id": 7, "image_id": "b", "question": "is it red?", "answer": ["yes"] * 10}]
     if features is None:
         features = {"COCO_train2014_000000000001": (4, WIDTH), "b": (WIDTH,)}
-    (root / "annotations").mkdir(parents=True)
-    (root / "features").mkdir()
-    for split, entries in (("train", train_entries), ("val", val_entries)):
-        (root / "annotations" / f"{split}.json").write_text(json.dumps(entries))
-    for image_id, shape in features.items():
-        np.save(root / "features" / f"{image_id}.npy", rng.standard_normal(shape).astype(np.float32))
-    return root
+    return write_image_dataset(root, {"train": train_entries, "val": val_entries}, features)
 
 
 def task_for(root: Path, **changes) -> tasks.VQATask:
