@@ -381,21 +381,12 @@ def child_rss(cmd: list[str], env: dict) -> tuple[str, float, float]:
 def loader_child(root: str, rounds: int = 3, chunk: int = 20, steps: int = 2) -> None:
     """(subprocess) The DataLoader train.py builds over `root`: batches/s it delivers vs training steps/s (bare
     loop) on its batches, measured in turns so that both see the same machine load; prints JSON."""
-    import torch
 
-    from data import ResumableSampler
+    import train
 
     task, datasets, model, cfg = build_side(["dialogue", "--data.root", root], Path(tempfile.mkdtemp()))
     dataset = datasets["train"]
-    loader = torch.utils.data.DataLoader(  # the arguments train.py's loader() uses for training on CPU
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed),
-        collate_fn=partial(task.collate, train=True),
-        num_workers=cfg.data.num_workers,
-        drop_last=True,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
+    loader = train.build_loader(task, dataset, cfg, rank=0, world=1, train=True, pin_memory=False)
 
     def endless(loader):  # epoch after epoch, as training reads it
         for epoch in range(10**6):

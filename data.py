@@ -55,6 +55,9 @@ class FeatureStore:
 
     def __init__(self, root: Path, streams: dict[str, int], max_len: int):
         self.root, self.streams, self.max_len = root, streams, max_len
+        # (stream, id) -> (data offset, shape, dtype, Fortran order), parsed once by check(): parsing an .npy header
+        # (ast.literal_eval) cost more than mapping the file, three times per sample in every batch.
+        self.headers: dict[tuple[str, str], tuple] = {}
         for stream in streams:
             if not (root / stream).is_dir():
                 raise InputError(f"feature directory not found: {root / stream}")
@@ -66,9 +69,7 @@ class FeatureStore:
     def path(self, stream: str, feature_id: str) -> Path:
         return self.root / stream / f"{feature_id}.npy"
 
-    def open(self, stream: str, feature_id: str) -> np.ndarray:
-        """Memory-map one stream of one id (reads only the header) and check its shape. Done by hand (mmap +
-        frombuffer) because np.load(mmap_mode="r") costs twice as much, three times per sample in every batch."""
+    def read_header(self, stream: str, feature_id: str) -> tuple:
         path, width = self.path(stream, feature_id), self.streams[stream]
         if not path.is_file():
             raise InputError(f"missing feature file for id {feature_id!r}: {path}")
@@ -78,25 +79,36 @@ class FeatureStore:
                 version = npy.read_magic(f)
                 header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
                 shape, fortran_order, dtype = header(f)
-                if dtype.hasobject:
-                    raise ValueError("an object array cannot be memory-mapped")
-                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                array = np.frombuffer(buffer, dtype, count=math.prod(shape), offset=f.tell())
-            array = array.reshape(shape, order="F" if fortran_order else "C")
+                offset = f.tell()
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read feature file for id {feature_id!r}: {path} ({e})") from None
-        if array.ndim == 1:
-            array = array[None]
-        if array.ndim != 2 or array.shape[1] != width or array.shape[0] == 0:
-            raise InputError(
-                f"feature file for id {feature_id!r} has shape {array.shape}, expected (T, {width}): {path}"
-            )
-        return array
+        if dtype.hasobject:
+            raise InputError(f"cannot read feature file for id {feature_id!r}: {path} (an object array)")
+        if len(shape) == 1:  # one vector per id: one frame
+            shape = (1, *shape)
+        if len(shape) != 2 or shape[1] != width or shape[0] == 0:
+            raise InputError(f"feature file for id {feature_id!r} has shape {shape}, expected (T, {width}): {path}")
+        return offset, shape, dtype, fortran_order
+
+    def open(self, stream: str, feature_id: str) -> np.ndarray:
+        """Memory-map one stream of one id. Done by hand (mmap + frombuffer) because np.load(mmap_mode="r") costs
+        twice as much."""
+        header = self.headers.get((stream, feature_id)) or self.read_header(stream, feature_id)
+        offset, shape, dtype, fortran_order = header
+        path = self.path(stream, feature_id)
+        try:
+            with open(path, "rb") as f:
+                buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            array = np.frombuffer(buffer, dtype, count=math.prod(shape), offset=offset)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read feature file for id {feature_id!r}: {path} ({e})") from None
+        return array.reshape(shape, order="F" if fortran_order else "C")
 
     def check(self, feature_id: str) -> None:
         """Run at dataset build time, so a missing or mis-shaped file fails before training, not at step 3000."""
         for stream in self.streams:
-            self.open(stream, feature_id)
+            self.headers[stream, feature_id] = self.read_header(stream, feature_id)
+            self.open(stream, feature_id)  # the data is all there
 
     def load(self, feature_id: str) -> np.ndarray:
         arrays = [self.open(stream, feature_id) for stream in self.streams]
@@ -537,6 +549,33 @@ def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
             else:
                 out[i, : len(s)] = s
     return torch.from_numpy(out)
+
+
+def share_tensors(batch: dict) -> dict:
+    """In a DataLoader worker: the batch's tensors that are not yet in shared memory, copied into ONE shared storage
+    and replaced by views of it. Each shared storage crosses to the training process through its own file descriptor
+    and mapping, ~0.4 ms of the training process's CPU apiece on a 2-core CPU: a dialogue batch (features plus six
+    small tensors) costs it about 2 ms less per step this way. Outside a worker the batch is returned as it is."""
+    keys = [k for k, v in batch.items() if torch.is_tensor(v) and not v.is_shared()]
+    if torch.utils.data.get_worker_info() is None or len(keys) < 2:
+        return batch
+    offsets, size = [], 0
+    for k in keys:
+        size = -(-size // 64) * 64  # every view starts on a cache line (so also aligned for its dtype)
+        offsets.append(size)
+        size += batch[k].numel() * batch[k].element_size()
+    storage = torch.UntypedStorage._new_shared(size)
+    shared = dict(batch)
+    for k, offset in zip(keys, offsets, strict=True):
+        tensor = batch[k]
+        view = tensor.new_empty(0).set_(storage, offset // tensor.element_size(), tensor.shape)
+        shared[k] = view.copy_(tensor)
+    return shared
+
+
+def collate_in_worker(collate, samples: list, train: bool) -> dict:
+    """The loaders' collate_fn: the task's collate, its result made cheap to send (see share_tensors)."""
+    return share_tensors(collate(samples, train=train))
 
 
 def stack_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

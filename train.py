@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from data import InputError, ResumableSampler
+from data import InputError, ResumableSampler, collate_in_worker
 from tasks import TASKS, TaskConfig, config_to_dict, load_preset, unknown_task_message
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def init_wandb(cfg: TaskConfig, task: str, run_dir: Path, run_id: str | None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Optimizer and schedule
+# Data loading, optimizer and schedule
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TaskConfig, fused: bool) -> torch.optim.AdamW:
@@ -351,6 +351,23 @@ def train_flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
     config = getattr(getattr(model, "lm", model), "config", None)
     attention = 12 * config.n_layer * config.n_embd * seq_len if hasattr(config, "n_layer") else 0
     return 6 * weights + attention
+
+
+def build_loader(task, dataset, cfg: TaskConfig, rank: int, world: int, train: bool, pin_memory: bool) -> DataLoader:
+    """This rank's shard of `dataset`, batches assembled by the task's collate in --data.num-workers processes."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+        sampler=ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=cfg.seed),
+        collate_fn=partial(collate_in_worker, task.collate, train=train),
+        num_workers=cfg.data.num_workers,
+        drop_last=train,
+        pin_memory=pin_memory,
+        persistent_workers=train and cfg.data.num_workers > 0,
+        # Its own generator (worker seeds): starting an iterator must not draw from the global RNG, or where a run
+        # was resumed would change its dropout masks.
+        generator=torch.Generator().manual_seed(cfg.seed + rank),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,21 +468,7 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     def loader(split: str, train: bool) -> DataLoader:
-        dataset = datasets[split]
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=cfg.seed)
-        return DataLoader(
-            dataset,
-            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
-            sampler=sampler,
-            collate_fn=partial(task.collate, train=train),
-            num_workers=cfg.data.num_workers,
-            drop_last=train,
-            pin_memory=device.type == "cuda",
-            persistent_workers=train and cfg.data.num_workers > 0,
-            # Its own generator (worker seeds): starting an iterator must not draw from the global RNG, or where a
-            # run was resumed would change its dropout masks.
-            generator=torch.Generator().manual_seed(cfg.seed + rank),
-        )
+        return build_loader(task, datasets[split], cfg, rank, world, train, pin_memory=device.type == "cuda")
 
     def move(batch: dict) -> dict:
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -572,7 +575,8 @@ def main(argv: list[str]) -> None:
         )
     from tqdm import tqdm
 
-    progress = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    # Redrawn at most once a second: each redraw is a terminal write, a cost per step when steps are fast.
+    progress = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, mininterval=1.0)
     model.train()
     window_start = time.perf_counter()
     metrics = {}
@@ -607,11 +611,14 @@ def main(argv: list[str]) -> None:
                 if rank == 0:
                     print(f"step {step}: non-finite loss, update skipped (--nan-policy skip)", flush=True)
             else:
-                # Gradients hold sum(loss) (DDP: averaged over ranks); make them the mean over the global batch.
+                # Gradients hold sum(loss) (DDP: averaged over ranks); make them the mean over the global batch and
+                # clip them in one pass over the gradients, as a bare loop's clip_grad_norm_ does.
                 grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-                torch._foreach_mul_(grads, world / stats[1].clamp(min=1))
+                scale = world / stats[1].clamp(min=1)
                 if cfg.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.max_grad_norm)
+                    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * scale
+                    scale = scale * (cfg.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1)
+                torch._foreach_mul_(grads, scale)
                 optimizer.step()
                 window += stats[:4]
             scheduler.step()
