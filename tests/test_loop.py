@@ -1,0 +1,75 @@
+"""The training step and the data transport: train.py's update is the textbook one, and batches built in loader
+workers arrive equal to the task's collate, their small tensors in one shared storage."""
+
+from functools import partial
+from itertools import islice
+
+import pytest
+import torch
+from helpers import read_metrics, train_ok
+
+import data
+import train
+from tasks import TASKS
+
+
+def test_a_train_py_step_is_the_textbook_step(tmp_path):
+    """Mean loss over the labelled tokens, gradients clipped to --max-grad-norm, AdamW, the LR schedule: after four
+    steps with clipping active, train.py's weights and logged gradient norms equal a hand-written loop's."""
+    argv = ["dialogue", "--model.n-layer", "1", "--model.n-embd", "64", "--model.dropout", "0", "--max-steps", "4"]
+    argv += ["--max-grad-norm", "0.5", "--log-every", "1", "--num-beams", "1", "--max-len", "4", "--no-report-metric"]
+    run_dir = tmp_path / "run"
+    train_ok([*argv, "--output-dir", run_dir])
+    logged = [e["train/grad_norm"] for e in read_metrics(run_dir) if "train/grad_norm" in e]
+
+    name, cfg = train.parse_config(argv)
+    task = TASKS[name][0](cfg)
+    dataset = task.build_datasets()["train"]
+    torch.manual_seed(cfg.seed)  # as train.py seeds the initial weights
+    model = task.build_model(dataset, run_dir / "tokenizer")  # the run's tokenizer, loaded
+    optimizer = train.build_optimizer(model, cfg, fused=False)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(train.lr_factor, cfg=cfg, total_steps=4))
+    sampler = data.ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, cfg.batch_size, sampler=sampler, collate_fn=partial(task.collate, train=True), drop_last=True
+    )
+    norms = []
+    for batch in islice(loader, 4):
+        loss_sum, count = model(batch)
+        (loss_sum / count).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item())
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+
+    assert min(norms) > cfg.max_grad_norm  # clipping was active on every step
+    assert logged == pytest.approx(norms, rel=1e-4)
+    ours = torch.load(run_dir / "ckpt_last.pt", weights_only=True)["model"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("for_training", [True, False])
+def test_worker_batches_equal_the_collate_and_cross_in_one_shared_storage(tmp_path, for_training):
+    _, cfg = train.parse_config(["dialogue", "--data.num-workers", "2", "--eval-batch-size", "16"])
+    task = TASKS["dialogue"][0](cfg)
+    dataset = task.build_datasets()["train"]
+    task.build_model(dataset, tmp_path / "tokenizer")
+    loader = train.build_loader(task, dataset, cfg, rank=0, world=1, train=for_training, pin_memory=False)
+    order = list(loader.sampler)
+    for k, batch in enumerate(islice(loader, 3)):
+        expected = task.collate([dataset[i] for i in order[16 * k : 16 * (k + 1)]], train=for_training)
+        assert batch.keys() == expected.keys()
+        for key, value in expected.items():
+            if torch.is_tensor(value):
+                assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+            else:
+                assert batch[key] == value, key
+        small = [v for key, v in batch.items() if torch.is_tensor(v) and key != "features"]
+        assert len(small) >= 5 and len({v.untyped_storage().data_ptr() for v in small}) == 1
+        assert batch["features"].untyped_storage().data_ptr() not in {v.untyped_storage().data_ptr() for v in small}
+
+
+def test_outside_a_worker_a_batch_is_left_as_it_is():
+    batch = {"a": torch.arange(3), "b": torch.ones(2, dtype=torch.bool), "ids": ["x"]}
+    assert data.share_tensors(batch) is batch
