@@ -10,7 +10,8 @@ interleaved (train.py's loop and the bare loop take turns every `--window` steps
 as medians of paired ratios, so a machine shared with other work moves both sides alike.
 
 Sections:
-  loop     train.py's real loop (train.main, driven in-process) vs a bare loop vs HF Trainer; loss after N steps
+  loop     train.py's real loop (train.main, driven in-process) vs a bare loop vs HF Trainer, at real AVSD
+           feature sizes; loss after N steps
   data     DataLoader batches/s vs training steps/s at real feature sizes (in turns, in one process); peak RSS
            of that process and its workers at 1x and 10x the dataset;
            time per epoch and peak RSS of a real train.py run at 1x, 4x, 16x
@@ -20,6 +21,7 @@ Sections:
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import shlex
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -60,10 +63,10 @@ class Interleaver:
 
     `turn(step)` is called by the contender at the end of every window: it closes the contender's window (wall
     time; CPU time of this process plus its loader workers' CPU since the last turn, which also covers the batches
-    they prefetched while the bare loop ran), then runs the bare loop on the same batches (wall and CPU time).
-    The first window is warm-up for both."""
+    they prefetched while the bare loop ran), builds the same batches (off the clock) and runs the bare loop on
+    them (wall and CPU time). The first window is warm-up for both."""
 
-    def __init__(self, bare: "BareLoop", batches: list[dict]):
+    def __init__(self, bare: "BareLoop", batches: Iterator[dict]):
         self.bare, self.batches = bare, batches
         self.pairs = []  # (contender wall, bare wall, contender cpu, bare cpu, contender cpu in this process)
         self.done, self.exit, self.enter_kids = 0, None, None
@@ -71,8 +74,9 @@ class Interleaver:
     def turn(self, step: int) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         kids = children_cpu()
+        batches = [next(self.batches) for _ in range(step - self.done)]
         start_wall, start_cpu = time.perf_counter(), time.process_time()
-        self.bare.run(self.batches[self.done : step])
+        self.bare.run(batches)
         bare_wall, bare_cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
         if self.exit is not None:
             ours_wall = wall - self.exit[0]
@@ -83,13 +87,16 @@ class Interleaver:
 
     def summary(self, window: int, name: str) -> dict:
         wall, bare_wall, cpu, bare_cpu, main_cpu = zip(*self.pairs, strict=True)
+        ratios = [b / o for o, b in zip(wall, bare_wall, strict=True)]
         return {
             f"{name}_steps_per_s": window / median(wall),
             f"bare_{name}_steps_per_s": window / median(bare_wall),
-            f"{name}_vs_bare": median([b / o for o, b in zip(wall, bare_wall, strict=True)]),
+            f"{name}_vs_bare": median(ratios),
+            f"{name}_vs_bare_quartiles": statistics.quantiles(ratios, n=4)[::2],
             f"{name}_vs_bare_cpu": median([b / o for o, b in zip(cpu, bare_cpu, strict=True)]),
             f"{name}_vs_bare_main_cpu": median([b / o for o, b in zip(main_cpu, bare_cpu, strict=True)]),
             f"{name}_windows": len(wall),
+            f"{name}_pairs_wall_s": [[round(o, 5), round(b, 5)] for o, b in zip(wall, bare_wall, strict=True)],
         }
 
 
@@ -129,15 +136,16 @@ def build_side(argv: list[str], workdir: Path):
     from tasks import TASKS
 
     name, cfg = train.parse_config(argv)
-    torch.manual_seed(cfg.seed)
     task = TASKS[name][0](cfg)
     datasets = task.build_datasets()
+    torch.manual_seed(cfg.seed)
     model = task.build_model(datasets["train"], workdir / "tokenizer")
     return task, datasets, model, cfg
 
 
-def prebuilt_batches(task, dataset, cfg, steps: int) -> list[dict]:
-    """The batches train.py's loader yields, in its order (ResumableSampler, epoch by epoch), built up front."""
+def training_batches(task, dataset, cfg) -> Iterator[dict]:
+    """The batches train.py's loader yields, in its order (ResumableSampler, epoch by epoch), built in this process
+    (one window at a time: at real feature sizes a whole run's batches would not fit in memory)."""
     import torch
 
     from data import ResumableSampler
@@ -146,12 +154,9 @@ def prebuilt_batches(task, dataset, cfg, steps: int) -> list[dict]:
     loader = torch.utils.data.DataLoader(
         dataset, cfg.batch_size, sampler=sampler, collate_fn=partial(task.collate, train=True), drop_last=True
     )
-    batches, epoch = [], 0
-    while len(batches) < steps:
+    for epoch in itertools.count():
         sampler.set_epoch(epoch)
-        batches += list(loader)
-        epoch += 1
-    return batches[:steps]
+        yield from loader
 
 
 def heldout_loss(model, task, dataset) -> float:
@@ -180,16 +185,18 @@ def bench_loop(args, work: Path) -> dict:
 
     steps, window = args.steps, args.window
     out = work / "ours"
-    argv = ["dialogue", "--max-steps", str(steps), "--log-every", str(window), "--eval-every", str(steps)]
+    argv = (
+        ["dialogue"] if args.loop_data == "embedded" else ["dialogue", "--data.root", str(real_size_root(args, work))]
+    )
+    argv += ["--max-steps", str(steps), "--log-every", str(window), "--eval-every", str(steps)]
     argv += ["--output-dir", str(out), "--overwrite", "--num-beams", "1", "--no-report-metric"]
     argv += ["--model.dropout", str(args.dropout), "--wandb.mode", "disabled", "--data.cache-dir", str(work / "cache")]
     argv += shlex.split(args.train_flags)
     task, datasets, model0, cfg = build_side(argv, work)
-    batches = prebuilt_batches(task, datasets["train"], cfg, steps)
 
     # ours: train.main runs for real; at every train log event the bare loop runs the same window of batches.
     bare = BareLoop(copy.deepcopy(model0), cfg, steps)
-    ours = Interleaver(bare, batches)
+    ours = Interleaver(bare, training_batches(task, datasets["train"], cfg))
 
     class InterleavingLogger(train.Logger):
         def log(self, step, metrics):
@@ -206,7 +213,7 @@ def bench_loop(args, work: Path) -> dict:
     ours_model.load_state_dict(torch.load(out / "ckpt_last.pt", weights_only=True)["model"])
 
     # HF Trainer, interleaved the same way with a fresh bare loop.
-    hf_model, hf = hf_trainer_run(args, cfg, task, datasets, copy.deepcopy(model0), batches, work)
+    hf_model, hf = hf_trainer_run(args, cfg, task, datasets, copy.deepcopy(model0), work)
 
     loop = {
         "steps": steps,
@@ -224,7 +231,7 @@ def bench_loop(args, work: Path) -> dict:
     return loop
 
 
-def hf_trainer_run(args, cfg, task, datasets, model, batches, work: Path):
+def hf_trainer_run(args, cfg, task, datasets, model, work: Path):
     """The same model, data order (our sampler), optimizer, schedule and clipping through transformers.Trainer."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -254,7 +261,7 @@ def hf_trainer_run(args, cfg, task, datasets, model, batches, work: Path):
     wrapped = LossModel(model)
     optimizer = train.build_optimizer(model, cfg, fused=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(train.lr_factor, cfg=cfg, total_steps=steps))
-    hf = Interleaver(BareLoop(copy.deepcopy(model), cfg, steps), batches)
+    hf = Interleaver(BareLoop(copy.deepcopy(model), cfg, steps), training_batches(task, datasets["train"], cfg))
 
     class Interleave(TrainerCallback):
         def on_step_end(self, targs, tstate, control, **kwargs):
@@ -359,6 +366,19 @@ def make_root(root: Path, features: Path, train_videos: int, val_videos: int, se
     return root
 
 
+def feature_dir(args, work: Path) -> Path:
+    """Features at real AVSD sizes for 16x the 1x dataset's videos, generated once per bench run."""
+    features = work / "features"
+    if not features.is_dir():
+        make_features(features, max(16 * args.videos, 80), args.frames)  # the loop's 64 + 16 at least
+    return features
+
+
+def real_size_root(args, work: Path) -> Path:
+    """The loop's dataset at real AVSD sizes: 64 training videos (640 samples, 40 steps an epoch), 16 for val."""
+    return make_root(work / "avsd-loop", feature_dir(args, work), 64, 16)
+
+
 def child_rss(cmd: list[str], env: dict) -> tuple[str, float, float]:
     """Run `cmd` under a fresh Python parent that reports the peak RSS (MiB) of the largest process in its tree."""
     wrapper = (
@@ -416,12 +436,9 @@ def loader_child(root: str, rounds: int = 3, chunk: int = 20, steps: int = 2) ->
 
 def bench_data(args, work: Path, env: dict) -> dict:
     base = args.videos
-    features = work / "features"
-    started = time.perf_counter()
-    make_features(features, 16 * base, args.frames)
-    gen_s = time.perf_counter() - started
+    features = feature_dir(args, work)
     roots = {k: make_root(work / f"avsd-{k}x", features, k * base, 4) for k in (1, 4, 10, 16)}
-    result = {"frames_max": args.frames, "videos_1x": base, "generate_s": gen_s}
+    result = {"frames_max": args.frames, "videos_1x": base}
 
     for k in (1, 10):
         out, rss, _ = child_rss([sys.executable, __file__, "--loader-child", str(roots[k])], env)
@@ -465,10 +482,7 @@ def train_seconds(run_dir: Path) -> float:
 
 
 def bench_eval(args, work: Path, env: dict) -> dict:
-    features = work / "features"
-    if not features.is_dir():
-        make_features(features, 16 * args.videos, args.frames)
-    root = make_root(work / "avsd-eval", features, 2, args.eval_samples)
+    root = make_root(work / "avsd-eval", feature_dir(args, work), 2, args.eval_samples)
     run = work / "eval-run"
     common = ["--data.root", str(root), "--wandb.mode", "disabled", "--eval-batch-size", str(args.eval_batch)]
     # A checkpoint to evaluate, made by train.py itself (one step; its own eval is greedy and unscored).
@@ -542,6 +556,11 @@ def cpu_ratios(r: dict, name: str) -> str:
     return f"{r[name + '_vs_bare_main_cpu']:.3f} ({r[name + '_vs_bare_cpu']:.3f})"
 
 
+def ratio_row(r: dict, name: str) -> str:
+    low, high = r[name + "_vs_bare_quartiles"]
+    return f"{r[name + '_vs_bare']:.3f} ({low:.2f}-{high:.2f}, {r[name + '_windows']} pairs)"
+
+
 def table(results: dict) -> str:
     rows = []
     if "loop" in results:
@@ -549,11 +568,11 @@ def table(results: dict) -> str:
         rows += [
             ("loop: train.py steps/s", f"{r['ours_steps_per_s']:.2f}", ""),
             ("loop: bare loop steps/s (beside train.py)", f"{r['bare_ours_steps_per_s']:.2f}", ""),
-            ("loop: train.py / bare: wall", f"{r['ours_vs_bare']:.3f}", ">= 0.97"),
+            ("loop: train.py / bare: wall (quartiles of the window pairs)", ratio_row(r, "ours"), ">= 0.97"),
             ("loop: train.py / bare: CPU, main process (+ workers)", cpu_ratios(r, "ours"), ""),
             ("loop: HF Trainer steps/s", f"{r['hf_steps_per_s']:.2f}", ""),
             ("loop: bare loop steps/s (beside HF)", f"{r['bare_hf_steps_per_s']:.2f}", ""),
-            ("loop: HF Trainer / bare: wall", f"{r['hf_vs_bare']:.3f}", ""),
+            ("loop: HF Trainer / bare: wall (quartiles of the window pairs)", ratio_row(r, "hf"), ""),
             ("loop: HF Trainer / bare: CPU, main process (+ workers)", cpu_ratios(r, "hf"), ""),
             ("loop: train.py / HF: wall (CPU + workers)", f"{r['ours_vs_hf']:.3f} ({r['ours_vs_hf_cpu']:.3f})", ">= 1"),
             (
@@ -611,8 +630,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=["startup", "loop", "data", "eval"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) everywhere")
-    parser.add_argument("--steps", type=int, default=150, help="loop: training steps per contender")
-    parser.add_argument("--window", type=int, default=10, help="loop: steps per interleaved timing window")
+    parser.add_argument("--steps", type=int, default=120, help="loop: training steps per contender")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=1,
+        help="loop: steps per interleaved timing window (short: a shared VM's speed drifts by 10%% within seconds)",
+    )
+    parser.add_argument(
+        "--loop-data",
+        choices=["real", "embedded"],
+        default="real",
+        help="loop: AVSD-format data at real feature sizes (default) or the embedded dataset (11 frames, fast steps)",
+    )
     parser.add_argument("--dropout", type=float, default=0.0, help="loop: 0 so losses can be compared exactly")
     parser.add_argument("--videos", type=int, default=8, help="data: videos (10 dialog turns each) at 1x")
     parser.add_argument("--frames", type=int, default=300, help="data: longest video, frames (cut to 200 on load)")
@@ -651,7 +681,8 @@ def main() -> None:
         for name in args.only:
             started = time.perf_counter()
             results[name] = sections[name]()
-            print(f"[{name}: {time.perf_counter() - started:.0f} s] {json.dumps(results[name])}", flush=True)
+            scalars = {k: v for k, v in results[name].items() if not k.endswith("_pairs_wall_s")}
+            print(f"[{name}: {time.perf_counter() - started:.0f} s] {json.dumps(scalars)}", flush=True)
     print(f"\n{results['date']}, {results['cpus']} CPUs, {args.threads} thread(s)\n" + table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
