@@ -517,14 +517,19 @@ def bench_eval(args, work: Path, env: dict) -> dict:
 
 
 def bench_startup(args, work: Path, env: dict) -> dict:
-    result = {}
-    for label, cmd in {"help": ["--help"], "task_help": ["dialogue", "--help"]}.items():
-        walls = []
-        for _ in range(args.repeats + 2):
+    # In turns with `import torch` alone, the floor of any start-up that imports it.
+    commands = {
+        "import_torch": [sys.executable, "-c", "import torch"],
+        "help": [*TRAIN, "--help"],
+        "task_help": [*TRAIN, "dialogue", "--help"],
+    }
+    walls = {label: [] for label in commands}
+    for _ in range(args.repeats + 2):
+        for label, cmd in commands.items():
             start = time.perf_counter()
-            subprocess.run([*TRAIN, *cmd], env=env, check=True, capture_output=True)
-            walls.append(time.perf_counter() - start)
-        result[f"{label}_s"] = median(walls)
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            walls[label].append(time.perf_counter() - start)
+    result = {f"{label}_s": median(times) for label, times in walls.items()}
     import data
 
     data.embedded_root(work / "cache", data.EMBEDDED_VERSION, data.make_embedded_avsd)  # not part of start-up
@@ -617,6 +622,7 @@ def table(results: dict) -> str:
     if "startup" in results:
         r = results["startup"]
         rows += [
+            ("startup: import torch alone s", f"{r['import_torch_s']:.2f}", ""),
             ("startup: train.py --help s", f"{r['help_s']:.2f}", "<= 2.5"),
             ("startup: train.py dialogue --help s", f"{r['task_help_s']:.2f}", "<= 2.5"),
             ("startup: launch to first step s", f"{r['first_step_s']:.2f}", ""),
