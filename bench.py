@@ -2,7 +2,7 @@
 path keep up, does evaluation scale over ranks, how fast does it start, how does cost grow with the dataset.
 
     pip install -r requirements.txt -r requirements-bench.txt
-    python bench.py                    # everything (~10 min on a 2-core CPU); --only loop data eval startup
+    python bench.py                    # everything (~15 min on a 2-core CPU); --only loop data eval startup
 
 Every comparison runs in ONE process (or one machine, for subprocesses) with the same thread settings
 (`--threads`, also exported as OMP_NUM_THREADS to subprocesses), the same model and the same batches. Timings are
@@ -401,7 +401,6 @@ def child_rss(cmd: list[str], env: dict) -> tuple[str, float, float]:
 def loader_child(root: str, rounds: int = 3, chunk: int = 20, steps: int = 2) -> None:
     """(subprocess) The DataLoader train.py builds over `root`: batches/s it delivers vs training steps/s (bare
     loop) on its batches, measured in turns so that both see the same machine load; prints JSON."""
-
     import train
 
     task, datasets, model, cfg = build_side(["dialogue", "--data.root", root], Path(tempfile.mkdtemp()))
