@@ -80,6 +80,7 @@ class FeatureStore:
                 header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
                 shape, fortran_order, dtype = header(f)
                 offset = f.tell()
+                size = os.fstat(f.fileno()).st_size
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read feature file for id {feature_id!r}: {path} ({e})") from None
         if dtype.hasobject:
@@ -88,6 +89,8 @@ class FeatureStore:
             shape = (1, *shape)
         if len(shape) != 2 or shape[1] != width or shape[0] == 0:
             raise InputError(f"feature file for id {feature_id!r} has shape {shape}, expected (T, {width}): {path}")
+        if size < offset + math.prod(shape) * dtype.itemsize:
+            raise InputError(f"feature file for id {feature_id!r} is truncated (shorter than shape {shape}): {path}")
         return offset, shape, dtype, fortran_order
 
     def open(self, stream: str, feature_id: str) -> np.ndarray:
@@ -108,7 +111,6 @@ class FeatureStore:
         """Run at dataset build time, so a missing or mis-shaped file fails before training, not at step 3000."""
         for stream in self.streams:
             self.headers[stream, feature_id] = self.read_header(stream, feature_id)
-            self.open(stream, feature_id)  # the data is all there
 
     def load(self, feature_id: str) -> np.ndarray:
         arrays = [self.open(stream, feature_id) for stream in self.streams]

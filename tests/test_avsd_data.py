@@ -87,6 +87,7 @@ def test_shuffled_features_come_from_another_video(tmp_path):
         ("missing_field", r"dialog 0 \(image_id 'a'\), turn 2: missing field\(s\) answer"),
         ("missing_feature", r"missing feature file for id 'a': .*i3d_rgb/a.npy"),
         ("wrong_width", r"feature file for id 'a' has shape \(7, 100\), expected \(T, 2048\)"),
+        ("truncated_feature", r"feature file for id 'a' is truncated .*i3d_flow/a.npy"),
         ("empty", "empty split"),
     ],
 )
@@ -105,6 +106,9 @@ def test_bad_data_names_the_file_or_video(tmp_path, breakage, message):
         (tmp_path / "features" / "i3d_rgb" / "a.npy").unlink()
     elif breakage == "wrong_width":
         np.save(tmp_path / "features" / "i3d_rgb" / "a.npy", np.ones((7, 100), np.float32))
+    elif breakage == "truncated_feature":
+        feature = tmp_path / "features" / "i3d_flow" / "a.npy"
+        feature.write_bytes(feature.read_bytes()[:-4])  # a copy cut short: the header promises one float more
     elif breakage == "empty":
         path.write_text(json.dumps({"dialogs": []}))
     with pytest.raises(InputError, match=message):
