@@ -89,32 +89,51 @@ def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, special_tokens: dict,
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The visual front end: every model reads its visual input through one, then projects it (`projector`) into its own
+# width. Parameter names follow the split: `vision.*` (front end), `projector.*`, the rest is the language side.
+
+
+class FeatureInput(nn.Module):
+    """Pre-extracted features as they are: `batch["features"]` (B, T, D) and `batch["feature_mask"]` (B, T), True
+    on real frames. Any front end (a vision tower on `batch["pixels"]`) has the same interface: `dim` and
+    `forward(batch) -> (tokens, mask)`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["features"], batch["feature_mask"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # GPT-2 with features prepended (video-grounded dialogue, captioning, generative VQA)
 
 
 class FeatureGPT2(nn.Module):
     """GPT-2 LM whose input sequence mixes projected visual features and text tokens (LAVIS's `gpt_dialogue`).
 
-    A batch is a packed sequence: `is_visual` marks the positions that take a feature frame (`visual_index` says
-    which frame of `features`), all other positions take the embedding of `input_ids`. `token_type_ids` are embedded
-    with the word embeddings and added by GPT-2 itself, so generation keeps extending them. Loss is summed over the
-    labelled tokens and returned with their count, so the caller can normalise over the whole global batch.
+    A batch is a packed sequence: `is_visual` marks the positions that take a visual token (`visual_index` says
+    which of the front end's tokens), all other positions take the embedding of `input_ids`. `token_type_ids` are
+    embedded with the word embeddings and added by GPT-2 itself, so generation keeps extending them. Loss is summed
+    over the labelled tokens and returned with their count, so the caller can normalise over the whole global batch.
     """
 
-    def __init__(self, lm, feature_dim: int, video_loss_weight: float = 0.0):
+    def __init__(self, lm, vision: nn.Module, video_loss_weight: float = 0.0):
         super().__init__()
         self.lm = lm
+        self.vision = vision
         width = lm.config.n_embd
         # Normalised so that features of any scale enter at the scale of GPT-2's hidden states (raw I3D/VGGish
         # values are orders of magnitude larger than word embeddings and would swamp the residual stream).
-        self.feature_proj = nn.Sequential(nn.Linear(feature_dim, width), nn.LayerNorm(width))
+        self.projector = nn.Sequential(nn.Linear(vision.dim, width), nn.LayerNorm(width))
         self.video_loss_weight = video_loss_weight
         # Only built when used, so DDP never sees a parameter without a gradient.
-        self.video_head = nn.Linear(width, feature_dim) if video_loss_weight > 0 else None
+        self.video_head = nn.Linear(width, vision.dim) if video_loss_weight > 0 else None
 
     def embed(self, batch: dict) -> torch.Tensor:
         text = self.lm.get_input_embeddings()(batch["input_ids"])
-        visual = self.feature_proj(batch["features"].to(text.dtype))
+        visual = self.projector(self.vision(batch)[0].to(text.dtype))
         index = batch["visual_index"].unsqueeze(-1).expand(-1, -1, visual.shape[-1])
         visual = visual.gather(1, index)
         return torch.where(batch["is_visual"].unsqueeze(-1), visual, text)
@@ -145,9 +164,8 @@ class FeatureGPT2(nn.Module):
 
     def next_frame_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         """MSE between the prediction at visual position t and the input frame t+1 (both visual positions)."""
-        frames = batch["features"].gather(
-            1, batch["visual_index"].unsqueeze(-1).expand(-1, -1, batch["features"].shape[-1])
-        )
+        tokens = self.vision(batch)[0]
+        frames = tokens.gather(1, batch["visual_index"].unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         pairs = batch["is_visual"][:, :-1] & batch["is_visual"][:, 1:]
         pred = self.video_head(hidden[:, :-1][pairs])
         return nn.functional.mse_loss(pred.float(), frames[:, 1:][pairs].float())
@@ -250,17 +268,19 @@ class DualEncoder(nn.Module):
 
     MAX_LOGIT_SCALE = 100.0
 
-    def __init__(self, text_encoder, feature_dim: int, embed_dim: int, temperature: float):
+    def __init__(self, text_encoder, vision: nn.Module, embed_dim: int, temperature: float):
         super().__init__()
         width = text_encoder.config.hidden_size
         self.text_encoder = text_encoder
-        self.visual = nn.Sequential(nn.Linear(feature_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.vision = vision
+        self.projector = nn.Sequential(nn.Linear(vision.dim, width), nn.GELU(), nn.Linear(width, width))
         self.image_proj = nn.Linear(width, embed_dim)
         self.text_proj = nn.Linear(width, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
 
-    def embed_images(self, features: torch.Tensor, feature_mask: torch.Tensor) -> torch.Tensor:
-        pooled = masked_mean(self.visual(features), feature_mask)
+    def embed_images(self, batch: dict) -> torch.Tensor:
+        tokens, mask = self.vision(batch)
+        pooled = masked_mean(self.projector(tokens), mask)
         return nn.functional.normalize(self.image_proj(pooled).float(), dim=-1)
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -269,7 +289,7 @@ class DualEncoder(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image embeddings, text embeddings, logit scale) for a batch of matching pairs."""
-        images = self.embed_images(batch["features"], batch["feature_mask"])
+        images = self.embed_images(batch)
         texts = self.embed_texts(batch["input_ids"], batch["attention_mask"])
         return images, texts, self.logit_scale.clamp(0, math.log(self.MAX_LOGIT_SCALE)).exp()
 
@@ -278,20 +298,22 @@ class FusionClassifier(nn.Module):
     """One encoder over image and text together (SNLI-VE): the projected regions are placed right after [CLS]
     in the encoder's inputs_embeds (token type 1, text is type 0), and the class is read from [CLS]'s last state."""
 
-    def __init__(self, encoder, feature_dim: int, num_classes: int):
+    def __init__(self, encoder, vision: nn.Module, num_classes: int):
         super().__init__()
         width = encoder.config.hidden_size
         self.encoder = encoder
-        self.visual_proj = nn.Linear(feature_dim, width)
+        self.vision = vision
+        self.projector = nn.Linear(vision.dim, width)
         self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, num_classes))
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits (B, num_classes). `input_ids` start with [CLS]; `features` regions are padded (`feature_mask`)."""
         words = self.encoder.get_input_embeddings()(batch["input_ids"])
-        regions = self.visual_proj(batch["features"].to(words.dtype))
+        tokens, token_mask = self.vision(batch)
+        regions = self.projector(tokens.to(words.dtype))
         embeds = torch.cat([words[:, :1], regions, words[:, 1:]], dim=1)
         text_mask = batch["attention_mask"]
-        mask = torch.cat([text_mask[:, :1], batch["feature_mask"].long(), text_mask[:, 1:]], dim=1)
+        mask = torch.cat([text_mask[:, :1], token_mask.long(), text_mask[:, 1:]], dim=1)
         types = torch.zeros_like(mask)
         types[:, 1 : 1 + regions.shape[1]] = 1
         hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types).last_hidden_state

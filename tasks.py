@@ -165,6 +165,9 @@ class GenerationConfig(TaskConfig):
 
 TASKS: dict[str, tuple[type["BaseTask"], TaskConfig]] = {}
 
+# The batch keys that carry visual input (see BaseTask.visual_batch): what a model's front end reads.
+VISUAL_KEYS = ("features", "feature_mask", "pixels")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The base task
@@ -187,6 +190,21 @@ class BaseTask:
     def collate(self, samples: list[dict], train: bool) -> dict:
         """Samples → batch (runs in DataLoader workers). Tensors go to the device; everything else stays as is."""
         raise NotImplementedError
+
+    def build_vision(self, train_set: Dataset) -> nn.Module:
+        """The visual front end the model reads through (see models.FeatureInput): the dataset's features."""
+        import models
+
+        return models.FeatureInput(train_set.features.dim)
+
+    def visual_len(self, sample: dict) -> int:
+        """How many visual tokens the front end makes of this sample (positions in a packed sequence)."""
+        return len(sample["features"])
+
+    def visual_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """The samples' visual input as the front end reads it: features padded to the longest, with their mask."""
+        features, mask = data.stack_features([s["features"] for s in samples])
+        return {"features": features, "feature_mask": mask}
 
     def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, number of loss terms). The loop divides by the count over the whole global batch, so the
@@ -294,7 +312,7 @@ class GPT2Task(BaseTask):
         self.token = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
         lm = models.build_gpt2(cfg, self.tokenizer)
         self.max_positions = lm.config.n_positions
-        return models.FeatureGPT2(lm, train_set.features.dim, cfg.video_loss_weight)
+        return models.FeatureGPT2(lm, self.build_vision(train_set), cfg.video_loss_weight)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids without special tokens, from the Rust tokenizer directly: the transformers wrapper around it
@@ -308,13 +326,13 @@ class GPT2Task(BaseTask):
         eos = self.token["<eos>"]
         rows = []
         for sample, (ids, kinds), target in zip(samples, prompts, targets, strict=True):
-            frames = len(sample["features"])
+            frames = self.visual_len(sample)
             labels = [-100] * (frames + len(ids))
             if train:
                 labels += [*target, eos]
                 ids, kinds = [*ids, *target, eos], kinds + [kinds[-1]] * (len(target) + 1)
             rows.append((frames, ids, [self.token[self.VISUAL]] * frames + kinds, labels))
-        batch = pack_features_and_text(rows, samples, pad_id=self.token["<pad>"], left=not train)
+        batch = {**self.visual_batch(samples), **pack_visual_and_text(rows, pad_id=self.token["<pad>"], left=not train)}
         if train:
             batch["labels"] = data.pad([r[3] for r in rows], -100, left=False)
         batch["ids"] = [s["id"] for s in samples]
@@ -351,14 +369,12 @@ def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore, load) -> 
     return datasets
 
 
-def pack_features_and_text(rows, samples, pad_id: int, left: bool) -> dict:
-    """rows = (n_frames, text_ids, token_types, labels) per sample → one packed, padded sequence per sample, laid out as
-    [frames | text]: `is_visual`/`visual_index` say which positions take which feature frame (see FeatureGPT2)."""
-    features, _ = data.stack_features([s["features"] for s in samples])
+def pack_visual_and_text(rows, pad_id: int, left: bool) -> dict:
+    """rows = (n_visual, text_ids, token_types, labels) per sample → one packed, padded sequence per sample, laid out
+    as [visual | text]: `is_visual`/`visual_index` say which positions take which visual token (see FeatureGPT2)."""
     seqs = [[pad_id] * frames + ids for frames, ids, _, _ in rows]
     visual = [[1] * frames + [0] * len(ids) for frames, ids, _, _ in rows]
     return {
-        "features": features,
         "input_ids": data.pad(seqs, pad_id, left),
         "token_type_ids": data.pad([types for _, _, types, _ in rows], pad_id, left),
         "attention_mask": data.pad([[1] * len(s) for s in seqs], 0, left),
@@ -423,7 +439,7 @@ class DialogueTask(GPT2Task):
             parts = encoded[offset : offset + len(ts)]
             offset += len(ts)
             caption, history, question = parts[0], parts[1:-1], parts[-1]
-            frames = len(s["features"])
+            frames = self.visual_len(s)
             budget = self.max_positions - frames - 1 - (len(answer) + 1 if train else self.cfg.max_len)
             if budget < 1:
                 raise InputError(
@@ -509,7 +525,7 @@ class CaptioningTask(GPT2Task):
         if train:
             captions = self.token_ids([s["caption"] for s in samples])
             captions = [
-                c[: self.max_positions - len(s["features"]) - 2] for s, c in zip(samples, captions, strict=True)
+                c[: self.max_positions - self.visual_len(s) - 2] for s, c in zip(samples, captions, strict=True)
             ]
         batch = self.pack(samples, [([tok["<bos>"]], [tok["<cap>"]]) for _ in samples], captions, train)
         if not train:
@@ -606,7 +622,7 @@ class VQATask(GPT2Task):
             answers = self.token_ids(answers)
         prompts = []
         for s, question, answer in zip(samples, questions, answers, strict=True):
-            question = question[: self.max_positions - len(s["features"]) - 2 - max(len(answer), self.cfg.max_len)]
+            question = question[: self.max_positions - self.visual_len(s) - 2 - max(len(answer), self.cfg.max_len)]
             prompts.append(([*question, tok["<answer>"]], [tok["<question>"]] * len(question) + [tok["<answer>"]]))
         batch = self.pack(samples, prompts, answers, train)
         if not train:
@@ -638,10 +654,10 @@ class VQATask(GPT2Task):
         scores = torch.empty(shortlist.numel(), device=device)
         for pairs in torch.arange(len(scores), device=device).split(self.cfg.rank_batch_size):
             question, answer = pairs // shortlist.shape[1], shortlist.flatten()[pairs]
-            prompt = {k: batch[k][question] for k in ("features", "input_ids", "token_type_ids", "attention_mask")}
+            prompt = {k: batch[k][question] for k in ("input_ids", "token_type_ids", "attention_mask")}
             answer_ids, answer_mask = candidates[answer], candidate_mask[answer]
             rows = {
-                "features": prompt["features"],
+                **{k: batch[k][question] for k in VISUAL_KEYS if k in batch},
                 "input_ids": torch.cat([prompt["input_ids"], answer_ids], 1),
                 "token_type_ids": torch.cat(
                     [prompt["token_type_ids"], torch.full_like(answer_ids, self.token["<answer>"])], 1
@@ -769,10 +785,6 @@ class EncoderTask(BaseTask):
             "attention_mask": data.pad([[1] * len(r) for r in rows], 0),
         }
 
-    def image_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        features, mask = data.stack_features([s["features"] for s in samples])
-        return {"features": features, "feature_mask": mask}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image-text retrieval (COCO, Flickr30k)
@@ -816,11 +828,11 @@ class RetrievalTask(EncoderTask):
         import models
 
         encoder = self.text_encoder(lambda: (s["caption"] for s in train_set.samples), tokenizer_dir)
-        return models.DualEncoder(encoder, train_set.features.dim, self.cfg.embed_dim, self.cfg.temperature)
+        return models.DualEncoder(encoder, self.build_vision(train_set), self.cfg.embed_dim, self.cfg.temperature)
 
     def collate(self, samples: list[dict], train: bool) -> dict:
         """Train: matching (image, caption) pairs. Eval: images with all their captions (`text_owner` says whose)."""
-        batch = {**self.image_batch(samples), "ids": [s["id"] for s in samples]}
+        batch = {**self.visual_batch(samples), "ids": [s["id"] for s in samples]}
         if train:
             batch.update(self.encode([s["caption"] for s in samples]))
             batch["image_index"] = torch.tensor([s["image_index"] for s in samples])
@@ -846,7 +858,7 @@ class RetrievalTask(EncoderTask):
         return (image_to_text + text_to_image) / 2, torch.tensor(len(groups), device=groups.device)
 
     def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
-        images = model.embed_images(batch["features"], batch["feature_mask"]).cpu()
+        images = model.embed_images(batch).cpu()
         texts = model.embed_texts(batch["input_ids"], batch["attention_mask"]).cpu()
         owner = batch["text_owner"].cpu()
         return [{"id": i, "image": images[n], "texts": texts[owner == n]} for n, i in enumerate(batch["ids"])]
@@ -947,11 +959,11 @@ class ClassificationTask(EncoderTask):
         import models
 
         encoder = self.text_encoder(lambda: (s["sentence"] for s in train_set.samples), tokenizer_dir)
-        return models.FusionClassifier(encoder, train_set.features.dim, len(self.LABELS))
+        return models.FusionClassifier(encoder, self.build_vision(train_set), len(self.LABELS))
 
     def collate(self, samples: list[dict], train: bool) -> dict:
         return {
-            **self.image_batch(samples),
+            **self.visual_batch(samples),
             **self.encode([s["sentence"] for s in samples]),
             "labels": torch.tensor([s["label"] for s in samples]),
             "ids": [s["id"] for s in samples],

@@ -71,7 +71,7 @@ def test_forward_loss_is_summed_over_answer_tokens(built):
     assert count == (batch["labels"] != -100).sum()
     assert torch.isfinite(loss_sum) and loss_sum > 0
     loss_sum.backward()
-    assert model.feature_proj[0].weight.grad.abs().sum() > 0  # the video features reach the loss
+    assert model.projector[0].weight.grad.abs().sum() > 0  # the video features reach the loss
 
 
 def test_beam_generation_respects_min_and_max_len(built):
