@@ -111,9 +111,13 @@ class TaskConfig:
     log_every: int = 10
     """Log training metrics every N steps."""
     bf16: bool = True
-    """bf16 autocast on GPU (ignored on CPU)."""
+    """bf16 on GPU (ignored on CPU): autocast; with --fsdp, weights gathered and used in bf16, gradients reduced in
+    fp32."""
     compile: bool = False
     """torch.compile the model for training (GPU; the first steps are slow while it compiles)."""
+    fsdp: bool = False
+    """Shard weights, gradients and optimizer state over the ranks (FSDP2) instead of replicating them (DDP): for
+    models whose training state does not fit one GPU. Needs torchrun; checkpoints become sharded directories."""
     best_metric: str = "agg_metrics"
     """Validation metric that picks the best checkpoint."""
     best_mode: Literal["max", "min"] = "max"
@@ -135,6 +139,8 @@ class TaskConfig:
             raise ValueError("--evaluate needs a checkpoint: pass --resume PATH (or --resume auto with --output-dir)")
         if self.resume == "auto" and self.output_dir is None:
             raise ValueError("--resume auto needs --output-dir (the run to continue)")
+        if self.fsdp and self.compile:
+            raise ValueError("--compile does not combine with --fsdp (not supported): drop one of them")
 
 
 @dataclass(frozen=True)

@@ -117,16 +117,24 @@ def start_run(run_dir: Path, task: str, cfg: TaskConfig) -> None:
 
 
 def find_checkpoint(cfg: TaskConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to start from: a file (`.pt`), or a directory (`.dcp`) of sharded weights with --fsdp."""
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        last = run_dir / "ckpt_last.pt"
-        if last.is_symlink() and not last.exists():
-            raise InputError(f"{last} points to {os.readlink(last)}, which is missing")
-        return last if last.exists() else None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise InputError(f"--resume checkpoint not found: {path}")
+        path = run_dir / f"ckpt_last{'.dcp' if cfg.fsdp else '.pt'}"
+        other = path.with_suffix(".pt" if cfg.fsdp else ".dcp")
+        path = other if other.is_symlink() and not path.is_symlink() else path  # refused below, saying why
+        if path.is_symlink() and not path.exists():
+            raise InputError(f"{path} points to {os.readlink(path)}, which is missing")
+        if not path.exists():
+            return None
+    else:
+        path = Path(cfg.resume)
+        if not path.exists():
+            raise InputError(f"--resume checkpoint not found: {path}")
+    if path.is_dir() != cfg.fsdp:
+        how = "with" if path.is_dir() else "without"
+        raise InputError(f"{path} was written {how} --fsdp: resume or evaluate it {how} --fsdp")
     return path
 
 
@@ -134,14 +142,16 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "best", "window", "rng
 
 
 def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS) -> dict:
+    """The checkpoint's contents; for a sharded one (a directory) all but the weights and optimizer state, which
+    stay on disk until each rank reads its shards (load_weights)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path / "state.pt" if path.is_dir() else path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint at all, ...
         raise InputError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != task:
         other = ckpt.get("task") if isinstance(ckpt, dict) else None
         raise InputError(f"{path} is a checkpoint of task {other!r}, not {task!r}")
-    missing = [k for k in needs if k not in ckpt]
+    missing = [k for k in needs if k not in ckpt and not (path.is_dir() and k in ("model", "optimizer"))]
     if missing:
         raise InputError(f"{path} lacks {', '.join(missing)}: not a checkpoint this version can use")
     return ckpt
@@ -165,25 +175,91 @@ def point(link: Path, target: str) -> None:
     os.replace(tmp, link)
 
 
-def save_checkpoint(state: dict, run_dir: Path, is_best: bool, keep_last: int) -> None:
-    """ckpt_step{N}.pt, then the ckpt_last.pt (and ckpt_best.pt) symlinks move to it: they only ever point to a
-    complete file, so `--resume auto` never picks a checkpoint it cannot read. Keeps the newest `keep_last` step
-    checkpoints plus the best one."""
-    path = run_dir / f"ckpt_step{state['step']:08d}.pt"
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
-    fd = os.open(run_dir, os.O_RDONLY)  # the rename itself must be on disk before a pointer names the file
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    point(run_dir / "ckpt_last.pt", path.name)
+
+
+def save_checkpoint(state: dict, run_dir: Path, is_best: bool, keep_last: int, sharded: bool = False) -> None:
+    """ckpt_step{N}.pt, then the ckpt_last.pt (and ckpt_best.pt) symlinks move to it: they only ever point to a
+    complete file, so `--resume auto` never picks a checkpoint it cannot read. Keeps the newest `keep_last` step
+    checkpoints plus the best one. `sharded` (--fsdp): every rank has written its shards into ckpt_step{N}.dcp.tmp
+    (save_shards); `state` joins them there, and the complete directory is renamed to ckpt_step{N}.dcp, the
+    pointers being ckpt_last.dcp and ckpt_best.dcp."""
+    suffix = ".dcp" if sharded else ".pt"
+    path = run_dir / f"ckpt_step{state['step']:08d}{suffix}"
+    if sharded:
+        tmp = path.with_name(path.name + ".tmp")
+        write_atomically(tmp / "state.pt", lambda t: torch.save(state, t))
+        fsync_dir(tmp)
+        if path.exists():  # steps run again from an older checkpoint of this run
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    else:
+        write_atomically(path, lambda tmp: torch.save(state, tmp))
+    fsync_dir(run_dir)  # the rename itself must be on disk before a pointer names the checkpoint
+    point(run_dir / f"ckpt_last{suffix}", path.name)
     if is_best:
-        point(run_dir / "ckpt_best.pt", path.name)
-    best = run_dir / "ckpt_best.pt"
+        point(run_dir / f"ckpt_best{suffix}", path.name)
+    best = run_dir / f"ckpt_best{suffix}"
     kept = {best.resolve().name} if best.exists() else set()
-    for old in sorted(run_dir.glob("ckpt_step*.pt"))[:-keep_last]:
+    for old in sorted(run_dir.glob(f"ckpt_step*{suffix}"))[:-keep_last]:
         if old.name not in kept:
-            old.unlink()
+            shutil.rmtree(old) if sharded else old.unlink()
+
+
+def frozen_digest(model: torch.nn.Module, frozen: set[str]) -> str | None:
+    """sha256 over the frozen parameters' names, dtypes, shapes and bytes: what checkpoints hold instead of them."""
+    import hashlib
+
+    if not frozen:
+        return None
+    digest, weights = hashlib.sha256(), model.state_dict()
+    for name in sorted(frozen):
+        tensor = weights[name].detach().cpu().contiguous().flatten()
+        digest.update(f"{name} {tensor.dtype} {tuple(weights[name].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_fits(path: Path, ckpt: dict, model: torch.nn.Module, frozen: set[str], digest: str | None) -> None:
+    """A checkpoint holds every weight and buffer of the model but the frozen parameters, which must be the ones it
+    was trained with (their digest): anything else would train or score another model than the one saved."""
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(path).read_metadata().state_dict_metadata
+        saved = {k.removeprefix("model.") for k in keys if k.startswith("model.")}
+    else:
+        saved = set(ckpt["model"])
+    expected = set(model.state_dict()) - frozen
+    if saved != expected:
+        raise InputError(
+            f"{path} does not fit this model (other model flags?): it lacks {sorted(expected - saved)[:3]}, "
+            f"has unexpected {sorted(saved - expected)[:3]}"
+        )
+    if ckpt.get("frozen_sha256") != digest:
+        raise InputError(
+            f"{path}: the frozen weights from --model.name/--model.vision differ from those it was trained with"
+        )
+
+
+def load_weights(model: torch.nn.Module, path: Path, frozen: set[str], ckpt: dict | None = None) -> None:
+    """The checkpoint's weights (all but the frozen parameters; check_fits) into `model`: a file whole, a sharded
+    directory (--fsdp) each rank its own shards."""
+    if not path.is_dir():
+        ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"], strict=False)
+        return
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+    load({"model": weights}, checkpoint_id=path)
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
 
 
 def rng_state() -> dict:
@@ -371,6 +447,76 @@ def build_loader(task, dataset, cfg: TaskConfig, rank: int, world: int, train: b
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FSDP (--fsdp)
+
+
+def shard_model(model: torch.nn.Module, bf16: bool) -> None:
+    """FSDP2, in place: every repeated block of each transformers model inside (the classes its `_no_split_modules`
+    names: layers of the LM, of a text encoder, of a vision tower) is one unit, all-gathered only for its own forward
+    and backward; the root unit holds the rest (embeddings, projector, heads). A block sharing a parameter with
+    something outside it (tied embeddings) stays in the root. `bf16`: weights are gathered and used in bf16,
+    gradients reduced in fp32 (this replaces autocast)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
+    classes = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
+    names = {}  # parameter → all its names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(p, []).append(name)
+    units = [
+        module
+        for prefix, module in model.named_modules()
+        if type(module).__name__ in classes
+        and all(n.startswith(prefix + ".") for p in module.parameters() for n in names[p])
+    ]
+    for module in [*reversed(units), model]:  # inner units before the ones around them
+        fully_shard(module, mp_policy=policy)
+
+
+def gather_weights(model: torch.nn.Module, gathered: bool) -> None:
+    """FSDP: all-gather every unit's weights (`gathered`), the same collectives in the same order on every rank, and
+    keep them until `gathered` is False. For evaluation: ranks generate different numbers of tokens, so a forward
+    must not be a collective. Without FSDP nothing happens."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if units and gathered:
+        # FSDP2 makes the first module it sees run forward its root; generation may run blocks before the root ever
+        # ran forward (--evaluate), so initialise it as root now.
+        model._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.set_reshard_after_forward(not gathered and unit is not model, recurse=False)  # FSDP2's defaults
+        unit.unshard() if gathered else unit.reshard()
+
+
+def save_shards(model: torch.nn.Module, optimizer, frozen: set[str], path: Path, rank: int) -> None:
+    """Every rank: its shards of the weights (the frozen ones left out) and optimizer state into `path`.tmp
+    (torch.distributed.checkpoint); save_checkpoint then completes and renames it on rank 0."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = path.with_name(path.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    dist.barrier()
+    weights, optimizer_state = get_state_dict(model, optimizer)
+    weights = {k: v for k, v in weights.items() if k not in frozen}
+    save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp)
+
+
+def load_optimizer(model: torch.nn.Module, optimizer, path: Path, ckpt: dict) -> None:
+    if not path.is_dir():
+        optimizer.load_state_dict(ckpt["optimizer"])
+        return
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    load(state, checkpoint_id=path)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Faults: stop signals, flags every rank acts on together, the test hook
 
 
@@ -438,9 +584,12 @@ def main(argv: list[str]) -> None:
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.fsdp and not distributed:
+        raise InputError("--fsdp shards over the ranks torchrun starts: launch with torchrun (--nproc-per-node 1 too)")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else nullcontext()
-    peak_flops = peak_bf16_flops(device) if device.type == "cuda" and cfg.bf16 else None
+    bf16 = device.type == "cuda" and cfg.bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not cfg.fsdp else nullcontext()
+    peak_flops = peak_bf16_flops(device) if bf16 else None
 
     # Every input is read and checked before anything in the run directory is created, replaced or overwritten.
     run_dir = agree(rank, partial(choose_run_dir, name, cfg))
@@ -454,11 +603,19 @@ def main(argv: list[str]) -> None:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer_dir = (ckpt_path.parent if ckpt_path else run_dir) / "tokenizer"
-    model = task.build_model(datasets["train"], tokenizer_dir).to(device)
+    model = task.build_model(datasets["train"], tokenizer_dir)
+    # Frozen parameters are not saved: checkpoints hold their digest, and they must match it on loading.
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    digest = frozen_digest(model, frozen) if rank == 0 else None
+    model = model.to(device)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        agree(rank, partial(check_fits, ckpt_path, ckpt, model, frozen, digest))
+    if cfg.fsdp:
+        shard_model(model, bf16)
+    if ckpt:
+        load_weights(model, ckpt_path, frozen, ckpt)
     raw_model = model
-    if distributed:
+    if distributed and not cfg.fsdp:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:  # training forward/backward only; generation and checkpoints use raw_model
         model = torch.compile(model)
@@ -479,10 +636,12 @@ def main(argv: list[str]) -> None:
     def evaluate(split: str, step: int) -> dict[str, float]:
         """Every rank generates on its shard; rank 0 scores, writes results, logs; all ranks get the metrics."""
         raw_model.eval()
+        gather_weights(raw_model, True)
         started = time.perf_counter()
         with autocast:
             results = task.evaluation(raw_model, loader(split, train=False), move)
         speed = {f"{split}/samples_per_s": len(results) / (time.perf_counter() - started)}
+        gather_weights(raw_model, False)
         raw_model.train()
         metrics = {}
         if rank == 0:
@@ -516,7 +675,7 @@ def main(argv: list[str]) -> None:
     window = torch.zeros(4, device=device)
     step, best = 0, None
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(raw_model, optimizer, ckpt_path, ckpt)
         scheduler.load_state_dict(ckpt["scheduler"])
         step, best = ckpt["step"], ckpt["best"]
         window.copy_(ckpt["window"])
@@ -541,11 +700,11 @@ def main(argv: list[str]) -> None:
         if distributed:
             rng = [None] * world if rank == 0 else None
             dist.gather_object(rng_state(), rng, dst=0)
+        if cfg.fsdp:
+            save_shards(raw_model, optimizer, frozen, run_dir / f"ckpt_step{step:08d}.dcp", rank)
         if rank == 0:
             state = {
                 "task": name,
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "step": step,
                 "best": best,
@@ -553,8 +712,12 @@ def main(argv: list[str]) -> None:
                 "rng": rng,
                 "wandb_id": wandb_id,
                 "config": config_to_dict(cfg) | {"output_dir": str(run_dir)},
+                "frozen_sha256": digest,
             }
-            save_checkpoint(state, run_dir, improved, cfg.keep_last)
+            if not cfg.fsdp:
+                weights = {k: v for k, v in raw_model.state_dict().items() if k not in frozen}
+                state.update(model=weights, optimizer=optimizer.state_dict())
+            save_checkpoint(state, run_dir, improved, cfg.keep_last, sharded=cfg.fsdp)
 
     # SIGTERM/SIGUSR1 (preemption; SLURM's warning signal) only raise a flag: the step in flight finishes, then every
     # rank saves and exits 0 at the same step (the flag is all-reduced with the step statistics).
@@ -596,7 +759,9 @@ def main(argv: list[str]) -> None:
                 batch = move(next(batches))
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 sync = micro == cfg.grad_accum - 1 or not distributed
-                with nullcontext() if sync else model.no_sync(), autocast:
+                if cfg.fsdp:
+                    model.set_requires_gradient_sync(sync)
+                with nullcontext() if sync or cfg.fsdp else model.no_sync(), autocast:
                     loss_sum, count = task.train_step(model, batch)
                 loss_sum.backward()
                 tokens = batch["attention_mask"].sum() if "attention_mask" in batch else count
@@ -611,12 +776,15 @@ def main(argv: list[str]) -> None:
                 if rank == 0:
                     print(f"step {step}: non-finite loss, update skipped (--nan-policy skip)", flush=True)
             else:
-                # Gradients hold sum(loss) (DDP: averaged over ranks); make them the mean over the global batch and
-                # clip them in one pass over the gradients, as a bare loop's clip_grad_norm_ does.
+                # Gradients hold sum(loss) (DDP, FSDP: averaged over ranks); make them the mean over the global batch
+                # and clip them in one pass over the gradients, as a bare loop's clip_grad_norm_ does.
                 grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
                 scale = world / stats[1].clamp(min=1)
                 if cfg.max_grad_norm > 0:
-                    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * scale
+                    grad_norm = torch.nn.utils.get_total_norm(grads)
+                    if cfg.fsdp:  # a DTensor: FSDP's gradients are shards
+                        grad_norm = grad_norm.full_tensor()
+                    grad_norm = grad_norm * scale
                     scale = scale * (cfg.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1)
                 torch._foreach_mul_(grads, scale)
                 optimizer.step()
@@ -683,11 +851,11 @@ def main(argv: list[str]) -> None:
 
     # The test split is scored with the best checkpoint's weights (the last ones if no metric ever improved).
     if "test" in datasets:
-        best_path = run_dir / "ckpt_best.pt"
+        best_path = run_dir / f"ckpt_best{'.dcp' if cfg.fsdp else '.pt'}"
         if distributed:
             dist.barrier()
-        if best_path.is_file():
-            raw_model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+        if best_path.exists():
+            load_weights(raw_model, best_path, frozen)
         evaluate("test", step)
     logger.close()
 

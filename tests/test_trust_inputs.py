@@ -200,7 +200,7 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint_readable_and_retention_keep
 
     with mock.patch.object(torch, "save", killed_mid_write), pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(state(2), tmp_path, is_best=True, keep_last=2)
-    cfg = mock.Mock(resume="auto")
+    cfg = mock.Mock(resume="auto", fsdp=False)
     last = train.find_checkpoint(cfg, tmp_path)
     assert train.load_checkpoint(last, "dialogue", needs=("step",))["step"] == 1
 
