@@ -276,7 +276,8 @@ class DualEncoder(nn.Module):
         self.projector = nn.Sequential(nn.Linear(vision.dim, width), nn.GELU(), nn.Linear(width, width))
         self.image_proj = nn.Linear(width, embed_dim)
         self.text_proj = nn.Linear(width, embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+        # One element, not a 0-dim tensor: FSDP2 (--fsdp) cannot shard a 0-dim parameter.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / temperature)]))
 
     def embed_images(self, batch: dict) -> torch.Tensor:
         tokens, mask = self.vision(batch)

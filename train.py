@@ -451,24 +451,17 @@ def build_loader(task, dataset, cfg: TaskConfig, rank: int, world: int, train: b
 
 
 def shard_model(model: torch.nn.Module, bf16: bool) -> None:
-    """FSDP2, in place: every repeated block of each transformers model inside (the classes its `_no_split_modules`
+    """FSDP2, in place: every repeated block of each transformers model inside (of a class its `_no_split_modules`
     names: layers of the LM, of a text encoder, of a vision tower) is one unit, all-gathered only for its own forward
-    and backward; the root unit holds the rest (embeddings, projector, heads). A block sharing a parameter with
-    something outside it (tied embeddings) stays in the root. `bf16`: weights are gathered and used in bf16,
-    gradients reduced in fp32 (this replaces autocast)."""
+    and backward; the root unit holds the rest (embeddings, projector, heads). `bf16`: weights are gathered and used
+    in bf16, gradients reduced in fp32 (in place of autocast)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     classes = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
-    names = {}  # parameter → all its names
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(p, []).append(name)
-    units = [
-        module
-        for prefix, module in model.named_modules()
-        if type(module).__name__ in classes
-        and all(n.startswith(prefix + ".") for p in module.parameters() for n in names[p])
-    ]
+    # Only the repeated blocks (items of a ModuleList): embeddings, named there by some models too, are called outside
+    # their module's forward (to build inputs_embeds), which an FSDP unit's weights cannot be.
+    units = [m for n, m in model.named_modules() if type(m).__name__ in classes and n.rpartition(".")[2].isdigit()]
     for module in [*reversed(units), model]:  # inner units before the ones around them
         fully_shard(module, mp_policy=policy)
 
@@ -588,7 +581,10 @@ def main(argv: list[str]) -> None:
         raise InputError("--fsdp shards over the ranks torchrun starts: launch with torchrun (--nproc-per-node 1 too)")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" and cfg.bf16
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not cfg.fsdp else nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    # --fsdp trains in bf16 by FSDP's own policy (shard_model); it casts the inputs of forward only, and evaluation
+    # calls other methods (generate, embed_*), so evaluation keeps autocast.
+    train_autocast = nullcontext() if cfg.fsdp else autocast
     peak_flops = peak_bf16_flops(device) if bf16 else None
 
     # Every input is read and checked before anything in the run directory is created, replaced or overwritten.
@@ -761,7 +757,7 @@ def main(argv: list[str]) -> None:
                 sync = micro == cfg.grad_accum - 1 or not distributed
                 if cfg.fsdp:
                     model.set_requires_gradient_sync(sync)
-                with nullcontext() if sync or cfg.fsdp else model.no_sync(), autocast:
+                with nullcontext() if sync or cfg.fsdp else model.no_sync(), train_autocast:
                     loss_sum, count = task.train_step(model, batch)
                 loss_sum.backward()
                 tokens = batch["attention_mask"].sum() if "attention_mask" in batch else count
