@@ -120,14 +120,12 @@ def find_checkpoint(cfg: TaskConfig, run_dir: Path) -> Path | None:
     """The checkpoint to start from: a file (`.pt`), or a directory (`.dcp`) of sharded weights with --fsdp."""
     if cfg.resume is None:
         return None
-    if cfg.resume == "auto":
-        path = run_dir / f"ckpt_last{'.dcp' if cfg.fsdp else '.pt'}"
-        other = path.with_suffix(".pt" if cfg.fsdp else ".dcp")
-        path = other if other.is_symlink() and not path.is_symlink() else path  # refused below, saying why
-        if path.is_symlink() and not path.exists():
-            raise InputError(f"{path} points to {os.readlink(path)}, which is missing")
-        if not path.exists():
+    if cfg.resume == "auto":  # the last checkpoint of either kind (the wrong one is refused below, saying why)
+        path = next((p for p in (run_dir / "ckpt_last.pt", run_dir / "ckpt_last.dcp") if p.is_symlink()), None)
+        if path is None:
             return None
+        if not path.exists():
+            raise InputError(f"{path} points to {os.readlink(path)}, which is missing")
     else:
         path = Path(cfg.resume)
         if not path.exists():
@@ -143,7 +141,7 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "best", "window", "rng
 
 def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS) -> dict:
     """The checkpoint's contents; for a sharded one (a directory) all but the weights and optimizer state, which
-    stay on disk until each rank reads its shards (load_weights)."""
+    stay on disk until each rank reads its shards (load_state)."""
     try:
         ckpt = torch.load(path / "state.pt" if path.is_dir() else path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint at all, ...
@@ -186,9 +184,8 @@ def fsync_dir(path: Path) -> None:
 def save_checkpoint(state: dict, run_dir: Path, is_best: bool, keep_last: int, sharded: bool = False) -> None:
     """ckpt_step{N}.pt, then the ckpt_last.pt (and ckpt_best.pt) symlinks move to it: they only ever point to a
     complete file, so `--resume auto` never picks a checkpoint it cannot read. Keeps the newest `keep_last` step
-    checkpoints plus the best one. `sharded` (--fsdp): every rank has written its shards into ckpt_step{N}.dcp.tmp
-    (save_shards); `state` joins them there, and the complete directory is renamed to ckpt_step{N}.dcp, the
-    pointers being ckpt_last.dcp and ckpt_best.dcp."""
+    checkpoints plus the best one. `sharded` (--fsdp): `state` joins the shards all ranks wrote into
+    ckpt_step{N}.dcp.tmp (save_shards), renamed ckpt_step{N}.dcp then; pointers ckpt_last.dcp, ckpt_best.dcp."""
     suffix = ".dcp" if sharded else ".pt"
     path = run_dir / f"ckpt_step{state['step']:08d}{suffix}"
     if sharded:
@@ -215,14 +212,11 @@ def frozen_digest(model: torch.nn.Module, frozen: set[str]) -> str | None:
     """sha256 over the frozen parameters' names, dtypes, shapes and bytes: what checkpoints hold instead of them."""
     import hashlib
 
-    if not frozen:
-        return None
     digest, weights = hashlib.sha256(), model.state_dict()
     for name in sorted(frozen):
-        tensor = weights[name].detach().cpu().contiguous().flatten()
-        digest.update(f"{name} {tensor.dtype} {tuple(weights[name].shape)};".encode())
-        digest.update(tensor.view(torch.uint8).numpy())
-    return digest.hexdigest()
+        digest.update(f"{name} {weights[name].dtype} {tuple(weights[name].shape)};".encode())
+        digest.update(weights[name].detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return digest.hexdigest() if frozen else None
 
 
 def check_fits(path: Path, ckpt: dict, model: torch.nn.Module, frozen: set[str], digest: str | None) -> None:
@@ -237,29 +231,32 @@ def check_fits(path: Path, ckpt: dict, model: torch.nn.Module, frozen: set[str],
         saved = set(ckpt["model"])
     expected = set(model.state_dict()) - frozen
     if saved != expected:
-        raise InputError(
-            f"{path} does not fit this model (other model flags?): it lacks {sorted(expected - saved)[:3]}, "
-            f"has unexpected {sorted(saved - expected)[:3]}"
-        )
+        lacks, unexpected = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
+        raise InputError(f"{path} does not fit this model (other flags?): lacks {lacks}, has unexpected {unexpected}")
     if ckpt.get("frozen_sha256") != digest:
         raise InputError(
-            f"{path}: the frozen weights from --model.name/--model.vision differ from those it was trained with"
+            f"{path}: frozen weights from --model.name/--model.vision differ from those it was trained with"
         )
 
 
-def load_weights(model: torch.nn.Module, path: Path, frozen: set[str], ckpt: dict | None = None) -> None:
-    """The checkpoint's weights (all but the frozen parameters; check_fits) into `model`: a file whole, a sharded
-    directory (--fsdp) each rank its own shards."""
+def load_state(model: torch.nn.Module, path: Path, frozen: set[str], ckpt: dict | None = None, optimizer=None):
+    """From a checkpoint file whole, or a sharded directory (--fsdp) each rank its shards: the model's weights (all
+    but the frozen parameters; check_fits), or with `optimizer`, the optimizer's state."""
     if not path.is_dir():
         ckpt = ckpt or torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"], strict=False)
-        return
+        if optimizer is None:
+            return model.load_state_dict(ckpt["model"], strict=False)
+        return optimizer.load_state_dict(ckpt["optimizer"])
     from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint import state_dict as sd
 
-    weights = {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
-    load({"model": weights}, checkpoint_id=path)
-    set_model_state_dict(model, weights, options=StateDictOptions(strict=False))
+    if optimizer is None:
+        state = {k: v for k, v in sd.get_model_state_dict(model).items() if k not in frozen}
+        load({"model": state}, checkpoint_id=path)
+        return sd.set_model_state_dict(model, state, options=sd.StateDictOptions(strict=False))
+    state = sd.get_optimizer_state_dict(model, optimizer)
+    load({"optimizer": state}, checkpoint_id=path)
+    return sd.set_optimizer_state_dict(model, optimizer, state)
 
 
 def rng_state() -> dict:
@@ -482,31 +479,15 @@ def gather_weights(model: torch.nn.Module, gathered: bool) -> None:
         unit.unshard() if gathered else unit.reshard()
 
 
-def save_shards(model: torch.nn.Module, optimizer, frozen: set[str], path: Path, rank: int) -> None:
-    """Every rank: its shards of the weights (the frozen ones left out) and optimizer state into `path`.tmp
-    (torch.distributed.checkpoint); save_checkpoint then completes and renames it on rank 0."""
+def save_shards(model: torch.nn.Module, optimizer, frozen: set[str], path: Path) -> None:
+    """Every rank: its shards of the weights (not the frozen ones) and of the optimizer state into `path`.tmp with
+    torch.distributed.checkpoint (files of a save killed midway are overwritten); save_checkpoint completes it."""
     from torch.distributed.checkpoint import save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    tmp = path.with_name(path.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-    dist.barrier()
     weights, optimizer_state = get_state_dict(model, optimizer)
     weights = {k: v for k, v in weights.items() if k not in frozen}
-    save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=tmp)
-
-
-def load_optimizer(model: torch.nn.Module, optimizer, path: Path, ckpt: dict) -> None:
-    if not path.is_dir():
-        optimizer.load_state_dict(ckpt["optimizer"])
-        return
-    from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    load(state, checkpoint_id=path)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=path.with_name(path.name + ".tmp"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -582,8 +563,8 @@ def main(argv: list[str]) -> None:
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" and cfg.bf16
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-    # --fsdp trains in bf16 by FSDP's own policy (shard_model); it casts the inputs of forward only, and evaluation
-    # calls other methods (generate, embed_*), so evaluation keeps autocast.
+    # --fsdp trains in bf16 by FSDP's policy (shard_model), which casts forward's inputs only: evaluation, which calls
+    # other methods (generate, embed_*), keeps autocast.
     train_autocast = nullcontext() if cfg.fsdp else autocast
     peak_flops = peak_bf16_flops(device) if bf16 else None
 
@@ -609,7 +590,7 @@ def main(argv: list[str]) -> None:
     if cfg.fsdp:
         shard_model(model, bf16)
     if ckpt:
-        load_weights(model, ckpt_path, frozen, ckpt)
+        load_state(model, ckpt_path, frozen, ckpt)
     raw_model = model
     if distributed and not cfg.fsdp:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -671,7 +652,7 @@ def main(argv: list[str]) -> None:
     window = torch.zeros(4, device=device)
     step, best = 0, None
     if ckpt:
-        load_optimizer(raw_model, optimizer, ckpt_path, ckpt)
+        load_state(raw_model, ckpt_path, frozen, ckpt, optimizer)
         scheduler.load_state_dict(ckpt["scheduler"])
         step, best = ckpt["step"], ckpt["best"]
         window.copy_(ckpt["window"])
@@ -697,7 +678,7 @@ def main(argv: list[str]) -> None:
             rng = [None] * world if rank == 0 else None
             dist.gather_object(rng_state(), rng, dst=0)
         if cfg.fsdp:
-            save_shards(raw_model, optimizer, frozen, run_dir / f"ckpt_step{step:08d}.dcp", rank)
+            save_shards(raw_model, optimizer, frozen, run_dir / f"ckpt_step{step:08d}.dcp")
         if rank == 0:
             state = {
                 "task": name,
@@ -851,7 +832,7 @@ def main(argv: list[str]) -> None:
         if distributed:
             dist.barrier()
         if best_path.exists():
-            load_weights(raw_model, best_path, frozen)
+            load_state(raw_model, best_path, frozen)
         evaluate("test", step)
     logger.close()
 

@@ -166,7 +166,9 @@ def test_other_frozen_weights_are_refused(env, runs, tmp_path, kind):
     """The frozen weights a fresh model gets (from --model.name) differ from those a checkpoint was trained with."""
     if kind == "one":
         path = runs["one"] / "ckpt_last.pt"
-        with pytest.raises(InputError, match=re.escape(f"{path}: the frozen weights from --model.name/--model.vision")):
+        with pytest.raises(
+            InputError, match=re.escape(f"{path}: frozen weights from --model.name/--model.vision differ")
+        ):
             in_process([*env["flags"], "--evaluate", "--resume", str(path), "--output-dir", str(tmp_path)], 1e-3)
         return
     # A sharded checkpoint is read under torchrun only: its check, on the model train.py builds.
@@ -177,9 +179,11 @@ def test_other_frozen_weights_are_refused(env, runs, tmp_path, kind):
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     assert set(FROZEN) <= frozen
     state = train.load_checkpoint(path, "dialogue")
-    with pytest.raises(InputError, match=r"frozen weights from --model\.name/--model\.vision differ"):
+    with pytest.raises(
+        InputError, match=r"frozen weights from --model\.name/--model\.vision differ from those it was trained with"
+    ):
         train.check_fits(path, state, model, frozen, train.frozen_digest(model, frozen))
-    with pytest.raises(InputError, match=r"does not fit this model .* it lacks \['lm\.transformer\.wte\.weight'\]"):
+    with pytest.raises(InputError, match=r"does not fit this model .* lacks \['lm\.transformer\.wte\.weight'\]"):
         train.check_fits(path, state, model, frozen - {"lm.transformer.wte.weight"}, None)
 
 
@@ -212,6 +216,31 @@ def test_fsdp_with_compile_is_refused(capsys):
         train.parse_config(["dialogue", "--fsdp", "--compile"])
     assert exit_.value.code == 2
     assert "--compile does not combine with --fsdp" in " ".join(capsys.readouterr().err.replace("│", " ").split())
+
+
+def test_a_kill_mid_save_leaves_the_last_sharded_checkpoint_readable_and_retention_removes_directories(tmp_path):
+    cfg = mock.Mock(resume="auto", fsdp=True)
+
+    def save(step: int, best: bool = False) -> None:  # what save_shards leaves: the shard files in STEP.dcp.tmp
+        shards = tmp_path / f"ckpt_step{step:08d}.dcp.tmp"
+        shards.mkdir(exist_ok=True)
+        (shards / "__0_0.distcp").write_bytes(b"shard")
+        train.save_checkpoint({"task": "dialogue", "step": step}, tmp_path, best, keep_last=2, sharded=True)
+
+    save(1, best=True)
+
+    def killed_mid_write(obj, path):
+        Path(path).write_bytes(b"half a state")
+        raise KeyboardInterrupt
+
+    with mock.patch.object(torch, "save", killed_mid_write), pytest.raises(KeyboardInterrupt):
+        save(2)
+    assert train.load_checkpoint(train.find_checkpoint(cfg, tmp_path), "dialogue", needs=("step",))["step"] == 1
+    for step in (2, 3, 4):
+        save(step)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_step*")) == [f"ckpt_step0000000{s}.dcp" for s in (1, 3, 4)]
+    assert train.load_checkpoint(train.find_checkpoint(cfg, tmp_path), "dialogue", needs=("step",))["step"] == 4
+    assert os.readlink(tmp_path / "ckpt_best.dcp") == "ckpt_step00000001.dcp"
 
 
 # ----------------------------------------------------------------------------------------------------------------
