@@ -404,7 +404,8 @@ VQA_VERSION = "vqa-embedded-v1"
 
 def make_embedded_vqa(root: Path, seed: int = 0) -> None:
     """Questions of three answer types; the 10 human answers vary in spelling ("two", "2", "Red.") as real VQA
-    answers do, and one or two annotators of ten disagree, so the accuracy's normalisation and consensus matter."""
+    answers do, and one or two annotators of ten disagree, so the consensus and the official accuracy's answer
+    processing (which matches only some spellings) matter."""
     rng = np.random.default_rng(seed)
     directions = _image_directions(rng)
     digits = {"one": "1", "two": "2", "three": "3", "four": "4"}
