@@ -445,7 +445,7 @@ class DialogueTask(GPT2Task):
             prompts.append(([*ids, tok["<speaker2>"]], [*types, tok["<speaker2>"]]))
         batch = self.pack(samples, prompts, answers, train)
         if not train:
-            batch["references"] = [[s["answer"]] for s in samples]
+            batch["references"] = [s["references"] for s in samples]
         return batch
 
 

@@ -136,8 +136,13 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "step", "best", "window", "rng
 def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a checkpoint at all, ...
-        raise InputError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # truncated file, not a checkpoint at all, a pickled object weights_only refuses, ...
+        # One line (train.py prints an error's last line): torch's weights_only message wraps its reason in advice.
+        reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation of torch.load")[0]
+        raise InputError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(reason.split()).rstrip('.')} "
+            "(a corrupt file, or not one torch.load(weights_only=True) accepts)"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != task:
         other = ckpt.get("task") if isinstance(ckpt, dict) else None
         raise InputError(f"{path} is a checkpoint of task {other!r}, not {task!r}")

@@ -3,9 +3,10 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
-from test_avsd_data import ten_turn_dialog, write_avsd
+from test_avsd_data import multiref_dialog, ten_turn_dialog, write_avsd
 
 import tasks
 from models import ModelConfig
@@ -103,6 +104,26 @@ def test_pretrained_model_and_tokenizer_load_from_a_local_directory(built, tmp_p
     assert model.lm.config.n_positions == 256
     loss_sum, count = model(pretrained_task.collate([datasets["train"][3]], train=True))
     assert torch.isfinite(loss_sum) and count > 0
+
+
+def test_every_reference_of_a_multi_reference_file_goes_to_the_scorer(built, tmp_path, monkeypatch):
+    task, _, _ = built
+    monkeypatch.setattr(tasks.shutil, "which", lambda name: None)  # the Python tokenizer: no Java to start
+    root = write_avsd(tmp_path, [multiref_dialog("CGRUM"), multiref_dialog("M8TPH")])
+    samples = [
+        {**s, "features": np.ones((7, 4224), np.float32)}
+        for s in tasks.data.load_avsd(root / "annotations" / "test.json", train=False, max_turns=3)
+    ]
+    batch = task.collate(samples, train=False)
+    references = multiref_dialog("x")["dialog"][-1]["answer"]
+    assert batch["references"] == [references, references]
+    # Each prediction is the third reference word for word: perfect only if all six reach the scorer (against the
+    # first alone, Bleu_4 is 0.0).
+    results = [
+        {"id": i, "prediction": references[2], "references": r}
+        for i, r in zip(batch["ids"], batch["references"], strict=True)
+    ]
+    assert task.after_evaluation(results, "test")["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_caption_metrics_on_hand_checkable_inputs():
