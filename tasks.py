@@ -10,6 +10,7 @@ import difflib
 import functools
 import re
 import shutil
+import subprocess
 import sys
 import types
 import typing
@@ -233,11 +234,8 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     ids = sorted(predictions)
     bleu = functools.partial(Bleu(4).compute_score, verbose=0)
     if shutil.which("java"):
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        tokenizer = PTBTokenizer()
-        res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in ids})
-        gts = tokenizer.tokenize({i: [{"caption": r} for r in references[i]] for i in ids})
+        res = ptb_tokenize({i: [predictions[i]] for i in ids})
+        gts = ptb_tokenize({i: references[i] for i in ids})
         scorers = [(bleu, ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (meteor_scorer().compute_score, ["METEOR"])]
     else:
         print("warning: java not found: Python tokenizer instead of PTB, METEOR skipped", file=sys.stderr)
@@ -250,6 +248,30 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
         score, _ = compute_score(gts, res)
         metrics.update(zip(names, score if isinstance(score, list) else [score], strict=True))
     return {k: float(v) for k, v in metrics.items()}
+
+
+def ptb_tokenize(texts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """pycocoevalcap's PTBTokenizer.tokenize (its jar, flags and punctuation filter, the same output), with the Java
+    process's stderr captured: its "PTBTokenizer tokenized N tokens at ..." line stays off the console, and a
+    failure raises with what Java said instead of scoring empty text."""
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    keys = [k for k, v in texts.items() for _ in v]
+    lines = "\n".join(t.replace("\n", " ") for v in texts.values() for t in v)
+    command = ["java", "-cp", ptb.STANFORD_CORENLP_3_4_1_JAR, "edu.stanford.nlp.process.PTBTokenizer"]
+    done = subprocess.run(
+        [*command, "-preserveLines", "-lowerCase"],
+        cwd=Path(ptb.__file__).parent,
+        input=lines.encode(),
+        capture_output=True,
+    )
+    tokenized = done.stdout.decode().split("\n")
+    if done.returncode or len(tokenized) < len(keys):
+        raise RuntimeError(f"PTB tokenizer failed (exit {done.returncode}): {done.stderr.decode().strip()[-2000:]}")
+    out = {k: [] for k in texts}
+    for k, line in zip(keys, tokenized, strict=False):  # the output may end in an empty line
+        out[k].append(" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS))
+    return out
 
 
 @functools.cache

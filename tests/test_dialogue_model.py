@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -137,6 +138,22 @@ def test_caption_metrics_on_hand_checkable_inputs():
     # unigram precision 3/3 with brevity penalty exp(1 - 6/3)
     half = tasks.caption_metrics({"1": "a man is", "2": "the dog runs"}, refs)
     assert half["Bleu_1"] == pytest.approx(math.exp(1 - 12 / 6), rel=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer is Java")
+def test_ptb_tokenize_equals_pycocoevalcaps_tokenizer_and_raises_when_java_fails(monkeypatch):
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    texts = {
+        "a": ["A man, in a kitchen!", "it's 1,000 (x) “q” café"],
+        "b": ["", "two\nlines\tand tabs..."],
+        "c": ["$5 --"],
+    }
+    expected = ptbtokenizer.PTBTokenizer().tokenize({k: [{"caption": t} for t in v] for k, v in texts.items()})
+    assert tasks.ptb_tokenize(texts) == expected
+    monkeypatch.setattr(ptbtokenizer, "STANFORD_CORENLP_3_4_1_JAR", "missing.jar")
+    with pytest.raises(RuntimeError, match=r"PTB tokenizer failed \(exit 1\): .*PTBTokenizer"):
+        tasks.ptb_tokenize(texts)
 
 
 def test_caption_metrics_without_java_fall_back_and_say_so(monkeypatch, capsys):
