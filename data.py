@@ -155,20 +155,28 @@ AVSD_STREAMS = {"i3d_flow": 2048, "i3d_rgb": 2048, "vggish": 128}
 
 def load_avsd(path: Path, train: bool, max_turns: int) -> list[dict]:
     """Train: one sample per turn with up to `max_turns` earlier turns as history. Eval: one sample per dialog whose
-    last turn is the target. Each sample keeps `id` (unique, for de-duplicating results) and `image_id`."""
+    last turn is the target; its "answer" may be a list of references (the multi-reference test files of DSTC7/10,
+    e.g. test_set4DSTC10-AVSD_multiref+reason.json: 6 per answer), all of them scored against. Each sample keeps `id`
+    (unique, for de-duplicating results), `image_id` and `references`."""
     data = read_json(path)
     if not isinstance(data, dict) or "dialogs" not in data:
         raise InputError(f'{path}: expected an object with a "dialogs" list')
     samples = []
     for n, dialog in enumerate(data["dialogs"]):
-        where = f"{path}: dialog {n}"
+        named = isinstance(dialog, dict) and "image_id" in dialog
+        where = f"{path}: dialog {n}" + (f" (image_id {dialog['image_id']!r})" if named else "")
         require(dialog, ["image_id", "dialog"], where)
-        where = f"{path}: dialog {n} (image_id {dialog['image_id']!r})"
         turns = dialog["dialog"]
         if not isinstance(turns, list) or not turns:
             raise InputError(f"{where}: empty or invalid 'dialog' list")
+        target = -1 if train else len(turns) - 1  # the eval target turn: the only one that may hold references
         for t, turn in enumerate(turns):
             require(turn, ["question", "answer"], f"{where}, turn {t}")
+            answer = turn["answer"]
+            listed = t == target and isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer)
+            if not (isinstance(answer, str) or listed):
+                also = " or a non-empty list of references (strings)" if t == target else ""
+                raise InputError(f"{where}, turn {t}: 'answer' must be a string{also}")
         context = {
             "image_id": str(dialog["image_id"]),
             "caption": dialog.get("caption", ""),
@@ -177,13 +185,16 @@ def load_avsd(path: Path, train: bool, max_turns: int) -> list[dict]:
         targets = range(len(turns)) if train else [len(turns) - 1]
         for t in targets:
             history = [(h["question"], h["answer"]) for h in turns[max(0, t - max_turns) : t]]
+            answer = turns[t]["answer"]
+            references = answer if isinstance(answer, list) else [answer]
             samples.append(
                 {
                     **context,
                     "id": f"{context['image_id']}#{t}" if train else context["image_id"],
                     "history": history,
                     "question": turns[t]["question"],
-                    "answer": turns[t]["answer"],
+                    "answer": references[0],
+                    "references": references,
                 }
             )
     if not samples:
@@ -404,7 +415,8 @@ VQA_VERSION = "vqa-embedded-v1"
 
 def make_embedded_vqa(root: Path, seed: int = 0) -> None:
     """Questions of three answer types; the 10 human answers vary in spelling ("two", "2", "Red.") as real VQA
-    answers do, and one or two annotators of ten disagree, so the accuracy's normalisation and consensus matter."""
+    answers do, and one or two annotators of ten disagree, so the consensus and the official accuracy's answer
+    processing (which matches only some spellings) matter."""
     rng = np.random.default_rng(seed)
     directions = _image_directions(rng)
     digits = {"one": "1", "two": "2", "three": "3", "four": "4"}

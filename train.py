@@ -144,8 +144,13 @@ def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS)
     stay on disk until each rank reads its shards (load_state)."""
     try:
         ckpt = torch.load(path / "state.pt" if path.is_dir() else path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a checkpoint at all, ...
-        raise InputError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # truncated file, not a checkpoint at all, a pickled object weights_only refuses, ...
+        # One line (train.py prints an error's last line): torch's weights_only message wraps its reason in advice.
+        reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation of torch.load")[0]
+        raise InputError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(reason.split()).rstrip('.')} "
+            "(a corrupt file, or not one torch.load(weights_only=True) accepts)"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != task:
         other = ckpt.get("task") if isinstance(ckpt, dict) else None
         raise InputError(f"{path} is a checkpoint of task {other!r}, not {task!r}")
@@ -610,13 +615,24 @@ def main(argv: list[str]) -> None:
     resumed_step = None if cfg.evaluate else ckpt["step"] if ckpt else 0  # training continues after this step
     logger = Logger(cfg, name, run_dir, rank, ckpt.get("wandb_id") if ckpt else None, resumed_step)
 
+    from tqdm import tqdm
+
     def evaluate(split: str, step: int) -> dict[str, float]:
         """Every rank generates on its shard; rank 0 scores, writes results, logs; all ranks get the metrics."""
         raw_model.eval()
         gather_weights(raw_model, True)
         started = time.perf_counter()
+        # Rank 0's batches counted on a bar of their own (below training's), gone when the split is done.
+        batches = tqdm(
+            loader(split, train=False),
+            f"eval {split}",
+            leave=False,
+            disable=rank != 0,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         with autocast:
-            results = task.evaluation(raw_model, loader(split, train=False), move)
+            results = task.evaluation(raw_model, batches, move)
         speed = {f"{split}/samples_per_s": len(results) / (time.perf_counter() - started)}
         gather_weights(raw_model, False)
         raw_model.train()
@@ -713,7 +729,6 @@ def main(argv: list[str]) -> None:
             + (f" | resumed at step {step}" if ckpt else ""),
             flush=True,
         )
-    from tqdm import tqdm
 
     # Redrawn at most once a second: each redraw is a terminal write, a cost per step when steps are fast.
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, mininterval=1.0)

@@ -55,6 +55,49 @@ def test_eval_split_has_one_sample_per_dialog_targeting_the_last_turn(tmp_path):
     assert [q for q, _ in samples[0]["history"]] == [f"what's happening in part {i}?" for i in (6, 7, 8)]
 
 
+def multiref_dialog(image_id: str) -> dict:
+    """A dialog as the real multi-reference test files hold it (DSTC10's test_set4DSTC10-AVSD_multiref+reason.json,
+    DSTC7's test set as mock_test_set4DSTC10-AVSD_from_DSTC7_multiref.json): no caption or summary, and the last
+    turn's "answer" a list of 6 references (read by the official evaluate.py), here beside its "reason"."""
+    return {
+        "image_id": image_id,
+        "dialog": [
+            {"question": "is it a man or a woman ?", "answer": "it is a man sitting on the bed"},
+            {"question": "is he alone ?", "answer": "yes , he is the only one in the video"},
+            {
+                "question": "can you see what he is holding ?",
+                "answer": [
+                    "he holds a small red book",
+                    "a book , i think it is red .",
+                    "yes he is holding a red book in his hands .",
+                    "it looks like a book",
+                    "he has a book and reads it .",
+                    "i can see a red book .",
+                ],
+                "reason": [{"timestamp": [0.0, 23.7], "sentence": "he holds a book"}],
+            },
+        ],
+    }
+
+
+def test_multi_reference_file_gives_every_reference_to_the_sample(tmp_path):
+    write_avsd(tmp_path, [multiref_dialog("CGRUM"), multiref_dialog("M8TPH")])
+    samples = data.load_avsd(tmp_path / "annotations" / "test.json", train=False, max_turns=3)
+    assert [s["id"] for s in samples] == ["CGRUM", "M8TPH"]
+    assert samples[0]["references"] == multiref_dialog("x")["dialog"][-1]["answer"]
+    assert samples[0]["caption"] == "" and samples[0]["history"][1] == (
+        "is he alone ?",
+        "yes , he is the only one in the video",
+    )
+    single = data.load_avsd(
+        write_avsd(tmp_path / "single", [ten_turn_dialog("a")]) / "annotations" / "val.json", train=False, max_turns=3
+    )
+    assert single[0]["references"] == [single[0]["answer"]]
+    # A training file holds one answer per turn: a list there is refused, not trained on as text.
+    with pytest.raises(InputError, match=r"dialog 0 \(image_id 'CGRUM'\), turn 2: 'answer' must be a string$"):
+        data.load_avsd(tmp_path / "annotations" / "train.json", train=True, max_turns=3)
+
+
 def test_features_are_aligned_to_the_shortest_stream_truncated_and_concatenated(tmp_path):
     write_avsd(tmp_path, [ten_turn_dialog("a")], lengths=(7, 7, 9))
     store = data.FeatureStore(tmp_path / "features", data.AVSD_STREAMS, max_len=100)
@@ -85,6 +128,10 @@ def test_shuffled_features_come_from_another_video(tmp_path):
         ("no_file", "annotation file not found"),
         ("bad_json", "malformed JSON in .*val.json, line 1"),
         ("missing_field", r"dialog 0 \(image_id 'a'\), turn 2: missing field\(s\) answer"),
+        ("no_dialog_list", r"val.json: dialog 1 \(image_id 'b'\): missing field\(s\) dialog$"),
+        ("no_image_id", r"val.json: dialog 1: missing field\(s\) image_id$"),
+        ("references_mid_dialog", r"dialog 0 \(image_id 'a'\), turn 3: 'answer' must be a string$"),
+        ("empty_references", r"turn 9: 'answer' must be a string or a non-empty list of references \(strings\)$"),
         ("missing_feature", r"missing feature file for id 'a': .*i3d_rgb/a.npy"),
         ("wrong_width", r"feature file for id 'a' has shape \(7, 100\), expected \(T, 2048\)"),
         ("truncated_feature", r"feature file for id 'a' is truncated .*i3d_flow/a.npy"),
@@ -101,6 +148,14 @@ def test_bad_data_names_the_file_or_video(tmp_path, breakage, message):
     elif breakage == "missing_field":
         bad = ten_turn_dialog("a")
         del bad["dialog"][2]["answer"]
+        path.write_text(json.dumps({"dialogs": [bad]}))
+    elif breakage in ("no_dialog_list", "no_image_id"):
+        bad = ten_turn_dialog("b")
+        del bad["dialog" if breakage == "no_dialog_list" else "image_id"]
+        path.write_text(json.dumps({"dialogs": [ten_turn_dialog("a"), bad]}))
+    elif breakage in ("references_mid_dialog", "empty_references"):
+        bad = ten_turn_dialog("a")
+        bad["dialog"][3 if breakage == "references_mid_dialog" else 9]["answer"] = [] if "empty" in breakage else ["x"]
         path.write_text(json.dumps({"dialogs": [bad]}))
     elif breakage == "missing_feature":
         (tmp_path / "features" / "i3d_rgb" / "a.npy").unlink()

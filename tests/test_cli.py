@@ -1,12 +1,16 @@
-"""The command line: task listing, per-task help with docstrings, presets, and the unknown-task suggestion."""
+"""The command line: task listing, per-task help with docstrings, presets, the unknown-task suggestion, and a clean
+console (stdout holds the run's own lines; evaluation has a progress bar)."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import ROOT
 
+import data
 import tasks
 import train
 from data import InputError
@@ -103,3 +107,22 @@ def test_bad_input_found_in_a_loader_worker_is_one_clear_line(tmp_path: Path):
     errors = [line for line in out.stderr.replace("\r", "\n").splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "leave no room for text in the model's 16 positions" in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer's chatter comes from Java")
+def test_stdout_holds_only_the_runs_lines_and_evaluation_has_a_bar(tmp_path, capfd):
+    """pycocoevalcap's PTB tokenizer (a Java process) prints "PTBTokenizer tokenized N tokens at ..." on every
+    evaluation; none of it may reach the console (capfd sees file descriptors, so a child process's output too)."""
+    with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 4, "val": 2, "test": 2}):
+        data.make_embedded_avsd(tmp_path / "avsd")
+    tiny = ["--model.n-layer", "1", "--model.n-embd", "32", "--model.n-head", "2", "--num-beams", "1", "--max-len", "4"]
+    argv = ["dialogue", "--data.root", str(tmp_path / "avsd"), "--data.num-workers", "0", "--batch-size", "2", *tiny]
+    train.main([*argv, "--max-steps", "1", "--output-dir", str(tmp_path / "run")])
+    out, err = capfd.readouterr()
+    assert "PTBTokenizer" not in out + err
+    lines = out.splitlines()
+    assert lines[0].startswith("run dir ") and all(line.startswith("step 1 ") for line in lines[1:]), out
+    assert any(line.startswith("step 1 test: ") for line in lines), out
+    assert "eval val" in err and "eval test" in err  # rank 0's evaluation bars
+    tasks.ptb_tokenize({"a": ["x"]})  # and the tokenizer itself: what it says stays with it
+    assert capfd.readouterr() == ("", "")

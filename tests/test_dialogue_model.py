@@ -2,10 +2,12 @@
 
 import dataclasses
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
-from test_avsd_data import ten_turn_dialog, write_avsd
+from test_avsd_data import multiref_dialog, ten_turn_dialog, write_avsd
 
 import tasks
 from models import ModelConfig
@@ -105,6 +107,26 @@ def test_pretrained_model_and_tokenizer_load_from_a_local_directory(built, tmp_p
     assert torch.isfinite(loss_sum) and count > 0
 
 
+def test_every_reference_of_a_multi_reference_file_goes_to_the_scorer(built, tmp_path, monkeypatch):
+    task, _, _ = built
+    monkeypatch.setattr(tasks.shutil, "which", lambda name: None)  # the Python tokenizer: no Java to start
+    root = write_avsd(tmp_path, [multiref_dialog("CGRUM"), multiref_dialog("M8TPH")])
+    samples = [
+        {**s, "features": np.ones((7, 4224), np.float32)}
+        for s in tasks.data.load_avsd(root / "annotations" / "test.json", train=False, max_turns=3)
+    ]
+    batch = task.collate(samples, train=False)
+    references = multiref_dialog("x")["dialog"][-1]["answer"]
+    assert batch["references"] == [references, references]
+    # Each prediction is the third reference word for word: perfect only if all six reach the scorer (against the
+    # first alone, Bleu_4 is 0.0).
+    results = [
+        {"id": i, "prediction": references[2], "references": r}
+        for i, r in zip(batch["ids"], batch["references"], strict=True)
+    ]
+    assert task.after_evaluation(results, "test")["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_caption_metrics_on_hand_checkable_inputs():
     refs = {"1": ["a man is cooking pasta today"], "2": ["the dog runs across green grass"]}
     perfect = tasks.caption_metrics({"1": "a man is cooking pasta today", "2": "the dog runs across green grass"}, refs)
@@ -116,6 +138,22 @@ def test_caption_metrics_on_hand_checkable_inputs():
     # unigram precision 3/3 with brevity penalty exp(1 - 6/3)
     half = tasks.caption_metrics({"1": "a man is", "2": "the dog runs"}, refs)
     assert half["Bleu_1"] == pytest.approx(math.exp(1 - 12 / 6), rel=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer is Java")
+def test_ptb_tokenize_equals_pycocoevalcaps_tokenizer_and_raises_when_java_fails(monkeypatch):
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    texts = {
+        "a": ["A man, in a kitchen!", "it's 1,000 (x) “q” café"],
+        "b": ["", "two\nlines\tand tabs..."],
+        "c": ["$5 --"],
+    }
+    expected = ptbtokenizer.PTBTokenizer().tokenize({k: [{"caption": t} for t in v] for k, v in texts.items()})
+    assert tasks.ptb_tokenize(texts) == expected
+    monkeypatch.setattr(ptbtokenizer, "STANFORD_CORENLP_3_4_1_JAR", "missing.jar")
+    with pytest.raises(RuntimeError, match=r"PTB tokenizer failed \(exit 1\): .*PTBTokenizer"):
+        tasks.ptb_tokenize(texts)
 
 
 def test_caption_metrics_without_java_fall_back_and_say_so(monkeypatch, capsys):

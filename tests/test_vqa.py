@@ -1,5 +1,6 @@
-"""VQA: answer normalisation and the VQA accuracy by hand, the VQAv2 loader and its errors, collate, ranking, and a
-learning run (generate and rank) with the shuffled-features ablation."""
+"""VQA: answer processing and the VQA accuracy by hand (test_vqa_official.py compares them with the official code),
+the VQAv2 loader and its errors, collate, ranking, and a learning run (generate and rank) with the shuffled-features
+ablation."""
 
 import dataclasses
 import json
@@ -48,15 +49,18 @@ def test_accuracy_is_the_mean_over_leave_one_out_subsets():
     assert answer_accuracy("dog", ["dog"] * 2 + others[2:]) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)  # 0.6
     assert answer_accuracy("dog", ["dog"] * 3 + others[3:]) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)  # 0.9
     assert answer_accuracy("dog", ["dog"] * 4 + others[4:]) == 1.0
-    # Normalisation applies to both sides: "Two" and "2" and "two." are the same answer.
-    assert answer_accuracy("Two", ["2", "two.", "2", *others[3:]]) == pytest.approx(0.9)
+    # The official processing is asymmetric: the prediction "Two" becomes "2"; of the human answers only punctuation
+    # goes ("two." → "two", which no prediction can match), and only when the ten are not all identical.
+    assert answer_accuracy("Two", ["2", "two.", "2", *others[3:]]) == pytest.approx(0.6)
+    assert answer_accuracy("Two", ["2", "2.", "2", *others[3:]]) == pytest.approx(0.9)
+    assert answer_accuracy("2", ["2."] * 10) == 0.0
 
 
 def test_vqa_accuracy_overall_and_per_answer_type_in_percent():
     results = [
         {"prediction": "yes", "answers": ["yes"] * 10, "answer_type": "yes/no"},
         {"prediction": "no", "answers": ["yes"] * 10, "answer_type": "yes/no"},
-        {"prediction": "2", "answers": ["two"] * 10, "answer_type": "number"},
+        {"prediction": "two", "answers": ["2"] * 10, "answer_type": "number"},  # the prediction is processed
         {"prediction": "dog", "answers": ["dog"] + ["cat"] * 9, "answer_type": "other"},
         {"prediction": "cat", "answers": ["cat"] * 10, "answer_type": None},  # counted overall only
     ]
@@ -233,7 +237,8 @@ def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path):
     train.main([*evaluate, "--data.shuffle-features", "--output-dir", str(tmp_path / "shuffled")])
     shuffled = last_metrics(tmp_path / "shuffled", "val/accuracy")
     print(f"VQA accuracy untrained {before:.1f} generate {after:.1f} rank {ranked:.1f} shuffled {shuffled:.1f}")
-    assert before < 20 and after > 70 and ranked > 70, (before, after, ranked)
+    # 73.1 for both on 2026-11-30; the best possible is 94.0 (consensus answers): some human spellings never match.
+    assert before < 20 and after > 65 and ranked > 65, (before, after, ranked)
     assert shuffled < after - 30, (shuffled, after)
 
 
