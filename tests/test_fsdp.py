@@ -94,7 +94,7 @@ def sharded_weights(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
 def runs(env):
     """`one`: 1 process, batch 8; `fsdp`: 2 ranks with --fsdp, 2 micro-batches of 2 each. Both evaluate at steps 3
     and 6, then the test split with the best checkpoint. `resumed`: the fsdp run as if killed before it saved step
-    6, continued with --resume auto."""
+    6, continued with --resume auto; `evaluated`: --evaluate of its best checkpoint (step 3)."""
     base = env["base"]
     in_process([*env["flags"], "--batch-size", "8", "--output-dir", str(base / "one")])
     torchrun(env, *env["flags"], *SHARDED, "--output-dir", base / "fsdp")
@@ -103,7 +103,9 @@ def runs(env):
     train.point(resumed / "ckpt_last.dcp", "ckpt_step00000003.dcp")
     proc = torchrun(env, *env["flags"], *SHARDED, "--output-dir", resumed, "--resume", "auto")
     assert "resumed at step 3" in proc.stdout
-    return {name: base / name for name in ("one", "fsdp", "resumed")}
+    torchrun(env, *env["flags"], "--fsdp", "--evaluate", "--resume", base / "fsdp" / "ckpt_best.dcp",
+             "--output-dir", base / "evaluated")  # fmt: skip
+    return {name: base / name for name in ("one", "fsdp", "resumed", "evaluated")}
 
 
 def test_fsdp_on_two_ranks_trains_like_one_process(runs, tmp_path):
@@ -127,6 +129,19 @@ def test_fsdp_resume_is_exact(runs, tmp_path):
     a = sharded_weights(runs["fsdp"] / "ckpt_last.dcp", tmp_path / "a")
     b = sharded_weights(runs["resumed"] / "ckpt_last.dcp", tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_a_sharded_checkpoint(runs):
+    """--evaluate of the best checkpoint (step 3) scores val as the run did at step 3 and test as it did at the end
+    (with the best weights), predictions included."""
+    run, evaluated = metrics(runs["fsdp"]), metrics(runs["evaluated"])
+    assert evaluated.keys() == {3}
+    assert evaluated[3] == {k: v for k, v in run[3].items() if k.startswith("val/")} | {
+        k: v for k, v in run[6].items() if k.startswith("test/")
+    }
+    for split, step in [("val", 3), ("test", 6)]:
+        ours = json.loads((runs["evaluated"] / "results" / f"{split}_step3.json").read_text())
+        assert ours == json.loads((runs["fsdp"] / "results" / f"{split}_step{step}.json").read_text())
 
 
 def test_sharded_checkpoint_layout_and_pointers(runs):
