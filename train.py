@@ -587,7 +587,7 @@ def main(argv: list[str]) -> None:
     tokenizer_dir = (ckpt_path.parent if ckpt_path else run_dir) / "tokenizer"
     model = task.build_model(datasets["train"], tokenizer_dir)
     # Frozen parameters are not saved: checkpoints hold their digest, and they must match it on loading.
-    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     digest = frozen_digest(model, frozen) if rank == 0 else None
     model = model.to(device)
     if ckpt:
