@@ -124,7 +124,7 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
     import models
 
     texts = ["a red cup in the kitchen.", "a blue book in the office."] * 20
-    tokenizer = models.train_tokenizer(texts, 200, list(tasks.EncoderTask.SPECIAL.values()))
+    tokenizer = models.train_tokenizer(texts, 200, list(tasks.EncoderTask.SPECIAL.values()), "[CLS] $A [SEP]")
     tokenizer.add_special_tokens(tasks.EncoderTask.SPECIAL)
     bert = BertModel(
         BertConfig(
@@ -140,7 +140,6 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
     model = task.build_model(datasets["train"], tmp_path / "run-tokenizer")
     for name, value in bert.state_dict().items():
         assert torch.equal(model.text_encoder.state_dict()[name], value), name
-    assert (tmp_path / "run-tokenizer" / "tokenizer.json").is_file()  # saved with the run
     batch = task.collate([datasets["train"][i] for i in range(4)], train=True)
     loss, count = task.train_step(model, batch)
     assert count.item() == 4 and torch.isfinite(loss)
