@@ -105,7 +105,11 @@ def load_weights(auto, name: str, **kwargs):
     logging.set_verbosity_error()  # transformers' load report: the error below says what matters
     try:
         model, info = pretrained(
-            lambda n: auto.from_pretrained(n, output_loading_info=True, dtype=torch.float32, **kwargs), name, "model"
+            lambda n: auto.from_pretrained(
+                n, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
+            ),
+            name,
+            "model",
         )
     finally:
         logging.set_verbosity(verbosity)
@@ -113,8 +117,8 @@ def load_weights(auto, name: str, **kwargs):
     if missing:
         raise LoadError(
             f"its checkpoint does not fit {type(model).__name__}, the model its config.json describes: "
-            f"{len(missing)} weights missing or of another shape ({', '.join(missing[:3])}, ...), "
-            f"{len(info['unexpected_keys'])} unexpected"
+            f"{len(missing)} weights missing or of another shape ({', '.join(missing[:2])}, ...), "
+            f"{len(info['unexpected_keys'])} unexpected ({', '.join(sorted(info['unexpected_keys'])[:2])}, ...)"
         )
     return model
 
@@ -122,7 +126,7 @@ def load_weights(auto, name: str, **kwargs):
 def adapt(model, cfg: ModelConfig):
     """--model.freeze-lm, --model.lora-r (peft), --model.grad-checkpointing on a pretrained transformers model."""
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     if cfg.freeze_lm:
         model.requires_grad_(False)
     if cfg.lora_r:

@@ -113,3 +113,42 @@ def save_lm_family(family: str, directory: Path, width: int = 32, seed: int = 0)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
+
+
+# Tiny text encoders of each family beside tokenizers that frame a text as the family does: (specials, template,
+# pad). CLIP is saved whole (both towers): the encoder tasks take its text tower.
+ENCODER_FAMILIES = {
+    "bert": (["[PAD]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", "[PAD]"),
+    "roberta": (["<s>", "<pad>", "</s>"], "<s> $A </s>", "<pad>"),
+    "distilbert": (["[PAD]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", "[PAD]"),
+    "clip": (["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", "<|endoftext|>"),
+}
+
+
+def save_encoder_family(family: str, directory: Path, width: int = 32) -> Path:
+    """A tiny `family` text encoder and its tokenizer (a BPE trained on LM_TEXT), saved into `directory`."""
+    import torch
+    import transformers as hf
+
+    import models
+
+    specials, template, pad = ENCODER_FAMILIES[family]
+    tokenizer = models.train_tokenizer(LM_TEXT * 3, 300, specials, template)
+    tokenizer.pad_token = pad
+    tokenizer.save_pretrained(directory)
+    n, pad_id = len(tokenizer), tokenizer.pad_token_id
+    blocks = dict(hidden_size=width, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * width)
+    torch.manual_seed(0)
+    if family == "clip":
+        text = dict(vocab_size=n, eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), **blocks)
+        config = hf.CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=16, **blocks))
+        model = hf.CLIPModel(config)
+    elif family == "distilbert":
+        config = hf.DistilBertConfig(vocab_size=n, dim=width, n_layers=1, n_heads=2, hidden_dim=2 * width)
+        model = hf.DistilBertModel(config)
+    else:
+        types = {"type_vocab_size": 1} if family == "roberta" else {}  # as roberta-base: one token type
+        config = hf.AutoConfig.for_model(family, vocab_size=n, pad_token_id=pad_id, **types, **blocks)
+        model = hf.AutoModel.from_config(config)
+    model.save_pretrained(directory)
+    return directory

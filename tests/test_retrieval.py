@@ -260,3 +260,29 @@ def test_gathered_loss_gradients_match_one_rank(tmp_path):
 def test_presets_load(preset):
     cfg = tasks.load_preset(ROOT / "configs" / f"{preset}.yaml", "retrieval", tasks.RetrievalConfig())
     assert cfg.model.name == "bert-base-uncased" and cfg.max_epochs == 6 and cfg.batch_size == 32
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "clip"])
+def test_any_text_encoder_family_trains_and_evaluates(family, tmp_path):
+    """--model.name takes any AutoModel text encoder: its tokenizer frames texts as the family does (RoBERTa's
+    <s> text </s>), RoBERTa and DistilBERT take no token types, CLIP's text tower (from a whole CLIP checkpoint) is
+    causal and pooled at its eos; classification fuses regions into the encoder's input (not CLIP's)."""
+    from helpers import ENCODER_FAMILIES, save_encoder_family
+
+    name = str(save_encoder_family(family, tmp_path / family))
+    first = ENCODER_FAMILIES[family][1].split()[0]
+    for task_name in ("retrieval", "classification"):
+        task_class, default = tasks.TASKS[task_name]
+        task = task_class(dataclasses.replace(default, model=dataclasses.replace(default.model, name=name)))
+        datasets = task.build_datasets()
+        if family == "clip" and task_name == "classification":
+            with pytest.raises(tasks.InputError, match="CLIP's text tower cannot take"):
+                task.build_model(datasets["train"], tmp_path / "tokenizer")
+            continue
+        model = task.build_model(datasets["train"], tmp_path / "tokenizer")
+        batch = task.collate([datasets["train"][i] for i in range(4)], train=True)
+        assert batch["input_ids"][0, 0].item() == task.tokenizer.convert_tokens_to_ids(first)
+        loss, count = task.train_step(model, batch)
+        loss.backward()
+        assert torch.isfinite(loss) and count.item() == 4
+        assert task.valid_step(model.eval(), task.collate([datasets["val"][0]], train=False))
