@@ -124,7 +124,7 @@ def load_weights(auto, name: str, **kwargs):
 
 
 def adapt(model, cfg: ModelConfig):
-    """--model.freeze-lm, --model.lora-r (peft), --model.grad-checkpointing on a pretrained transformers model."""
+    """--model.freeze-lm, --model.lora-r (peft), --model.grad-checkpointing on a transformers model."""
     if cfg.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if cfg.freeze_lm:
@@ -136,7 +136,10 @@ def adapt(model, cfg: ModelConfig):
         lora = LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
         )
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:  # target modules not found
+            raise InputError(f"--model.lora-targets {' '.join(cfg.lora_targets)}: {e}") from None
     return model
 
 

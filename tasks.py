@@ -317,7 +317,7 @@ class LMTask(BaseTask):
 
         cfg = self.cfg.model
         specials = {"eos_token": "<eos>", "pad_token": "<pad>", "additional_special_tokens": list(self.MARKERS)}
-        texts = lambda: self.training_texts(train_set)  # noqa: E731
+        texts = functools.partial(self.training_texts, train_set)
         self.tokenizer = tok = models.build_tokenizer(cfg, tokenizer_dir, specials, texts)
         self.front, self.back, eos = models.prompt_tokens(tok, cfg.chat_template)
         if eos is None:

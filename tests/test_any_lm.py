@@ -227,3 +227,11 @@ def test_gpt2_type_embeddings_equal_gpt2s_own_token_types(roots, tmp_path):
     assert model.generate(batch, num_beams=3, max_len=6, min_len=0, eos_id=eos, pad_id=task.token["<pad>"]) == [
         [t for t in row if t != task.token["<pad>"]] for row in expected
     ]
+
+
+def test_every_preset_loads_for_its_task():
+    import yaml
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")):
+        task = yaml.safe_load(path.read_text())["task"]
+        assert tasks.load_preset(path, task, tasks.TASKS[task][1]).model.name, path
