@@ -404,7 +404,8 @@ def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
     markers = tokenizer.convert_tokens_to_ids(extra["markers"])
     model = VisualPrefixLM(lm, FeatureInput(extra["feature_dim"]), markers, extra["projector"])
     missing, unexpected = model.load_state_dict(extra["weights"], strict=False)
-    assert not unexpected and all(k.startswith("lm.") for k in missing), (missing, unexpected)
+    if unexpected or not all(k.startswith("lm.") for k in missing):
+        raise ValueError(f"{directory}/visual_prefix.pt does not fit: missing {missing}, unexpected {unexpected}")
     return model.eval(), tokenizer
 
 

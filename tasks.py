@@ -303,6 +303,8 @@ class LMTask(BaseTask):
     (`collate`, through `pack`). `self.token` maps the markers and "<eos>", "<pad>" to ids: a pretrained
     tokenizer keeps its own eos (what its LM learned to end text with) and pad (its eos where it has none: only
     ever at masked, unlabelled positions), and every prompt starts as it starts a text (its bos, if it adds one).
+    `self.separator` ends a segment inside a prompt (a dialogue turn): <eos>, as in LAVIS's dialogue; nothing in a
+    chat template's user turn, which an end-of-turn token would end.
     """
 
     MARKERS: typing.ClassVar[tuple[str, ...]]
@@ -324,6 +326,7 @@ class LMTask(BaseTask):
             raise InputError(f"the tokenizer of {cfg.name} has no eos token to end a generated text with")
         pad = eos if tok.pad_token_id is None else tok.pad_token_id
         self.token = {t: tok.convert_tokens_to_ids(t) for t in self.MARKERS} | {"<eos>": eos, "<pad>": pad}
+        self.separator = [] if cfg.chat_template else [eos]
         lm = models.build_causal_lm(cfg, tok, eos, pad)
         self.max_positions = lm.config.max_position_embeddings - len(self.front) - len(self.back)
         markers = [self.token[t] for t in self.MARKERS]
@@ -440,7 +443,7 @@ class DialogueTask(LMTask):
         """Packs [video frames | caption | history | question | <speaker2> answer] per sample; token types are
         <video>, <cap>, <speaker1> (questions), <speaker2> (answers). Train: right-padded, labels only on the
         answer and its <eos>. Eval: the prompt up to <speaker2>, left-padded so beam search continues each row."""
-        tok, eos = self.token, self.token["<eos>"]
+        tok, sep = self.token, self.separator
         texts = [
             [s["caption"] + " " + s["summary"], *(t for qa in s["history"] for t in qa), s["question"]] for s in samples
         ]
@@ -463,13 +466,13 @@ class DialogueTask(LMTask):
                 segments = [(tok["<cap>"], caption)] if self.cfg.use_caption else []
                 segments += [(tok["<speaker1>"] if i % 2 == 0 else tok["<speaker2>"], t) for i, t in enumerate(history)]
                 segments.append((tok["<speaker1>"], question))
-                if not history or sum(len(t) + 2 for _, t in segments) <= budget:
+                if not history or sum(len(t) + 1 + len(sep) for _, t in segments) <= budget:
                     break
                 history = history[2:]  # drop the oldest question/answer pair
             ids, types = [], []
             for speaker, t in segments:
-                ids += [speaker, *t, eos]
-                types += [speaker] * (len(t) + 2)
+                ids += [speaker, *t, *sep]
+                types += [speaker] * (len(t) + 1 + len(sep))
             ids, types = ids[-budget:], types[-budget:]  # still too long: cut the caption from the left
             prompts.append(([*ids, tok["<speaker2>"]], [*types, tok["<speaker2>"]]))
         batch = self.pack(samples, prompts, answers, train)
