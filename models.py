@@ -1,23 +1,29 @@
 """Models and tokenizers, all from transformers (imported lazily: `train.py --help` must not pay for them).
 
-`ModelConfig.name` unset builds a small model from a config and a BPE tokenizer trained on the training text, so
-the default runs with no download; set, it is a hub name or a local directory for `from_pretrained`.
+`ModelConfig.name` unset builds a small GPT-2 (generative tasks) or BERT (encoder tasks) from a config and a BPE
+tokenizer trained on the training text, so the default runs with no download; set, it is any causal LM
+(`AutoModelForCausalLM`) or text encoder (`AutoModel`), by hub name or local directory, with its own tokenizer.
 """
 
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
+
+from data import InputError
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str | None = None
-    """Pretrained model: a hub name (`gpt2`) or a local directory. Unset: a small model built from the fields below
-    and a tokenizer trained on the training split, so nothing is downloaded."""
+    """Pretrained model and its tokenizer: a hub name or a local directory saved with save_pretrained. Generative
+    tasks: any causal LM (GPT-2, OPT, Llama, Qwen2, Mistral, Phi, SmolLM); retrieval and classification: a text
+    encoder (BERT, RoBERTa, DistilBERT, MiniLM; CLIP's text tower for retrieval). Unset: a small model built from the
+    fields below and a tokenizer trained on the training split, so nothing is downloaded."""
     n_layer: int = 2
     """Layers of the small model (ignored with --model.name)."""
     n_head: int = 4
@@ -32,19 +38,119 @@ class ModelConfig:
     """Dropout of the small model (ignored with --model.name)."""
     video_loss_weight: float = 0.0
     """Weight of LAVIS's auxiliary loss that regresses the next video frame from the hidden states; 0 turns it off."""
+    projector: Literal["linear", "mlp"] = "linear"
+    """How visual tokens enter the LM (generative tasks): `linear` (Linear, LayerNorm) or `mlp` (Linear, GELU,
+    Linear, LayerNorm: the 2-layer MLP of LLaVA-1.5 and nanoVLM)."""
+    freeze_lm: bool = False
+    """Keep the pretrained language model (or text encoder) bitwise as loaded, as BLIP-2 does: only the visual
+    side, the projector and the task's own embeddings (marker tokens, heads) train."""
+    lora_r: int = 0
+    """LoRA rank on the language model (or text encoder) through peft; 0: off. Only the adapters train in it."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA adapters' input."""
+    lora_targets: tuple[str, ...] = ()
+    """Module names LoRA adapts (e.g. q_proj v_proj); empty: every linear layer of the model's blocks, whatever
+    the family calls them (peft's all-linear; the output head excluded), the QLoRA choice."""
+    lm_lr: float | None = None
+    """Peak learning rate of the language model or text encoder (its LoRA adapters with --model.lora-r); unset:
+    --lr. The projector and the task's new embeddings train at --lr (nanoVLM and LLaVA give the new projector a
+    higher rate than the pretrained backbones). --min-lr scales with it."""
+    grad_checkpointing: bool = False
+    """Recompute the language model's activations in the backward pass: less memory, about a third more compute."""
+    chat_template: bool = False
+    """Generative tasks: wrap every prompt in the tokenizer's chat template as one user turn, the target being the
+    assistant's reply, ended by the template's end-of-turn token (for instruction-tuned LMs)."""
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"--model.n-embd ({self.n_embd}) must be divisible by --model.n-head ({self.n_head})")
+        if self.lora_r < 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("need --model.lora-r >= 0 and 0 <= --model.lora-dropout < 1")
+        if self.freeze_lm and self.lora_r:
+            raise ValueError("--model.freeze-lm and --model.lora-r exclude each other (LoRA freezes the rest itself)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading pretrained models and tokenizers
+
+
+class LoadError(InputError):
+    """A model or tokenizer that cannot be loaded (train.py says where --model.name was set)."""
+
+
+def pretrained(load: Callable, name: str, what: str):
+    """`load(name)`; failing, one line saying what could not be loaded and what to pass instead."""
+    local = Path(name).expanduser()
+    if not local.is_dir() and name.startswith((".", "/", "~")):
+        raise LoadError(f"cannot load the {what}: no directory {local}")
+    try:
+        return load(str(local) if local.is_dir() else name)
+    except (OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if local.is_dir() else "not a local directory, and not on the hub"
+        hint = "" if local.is_dir() else " or in its cache (offline? a mistyped name?)"
+        raise LoadError(
+            f"cannot load the {what}: {reason}{hint}; pass a directory saved with save_pretrained"
+        ) from None
+
+
+def load_weights(auto, name: str, **kwargs):
+    """`auto.from_pretrained(name)` in float32. A checkpoint that lacks weights of the model its config describes
+    (another architecture, a broken save) is an error naming them, never a silently re-initialised model; weights
+    it has beyond the model are fine (heads left out: BERT's MLM head, CLIP's image tower)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # transformers' load report: the error below says what matters
+    try:
+        model, info = pretrained(
+            lambda n: auto.from_pretrained(
+                n, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
+            ),
+            name,
+            "model",
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+    missing = sorted(info["missing_keys"] | {k[0] for k in info["mismatched_keys"]})
+    if missing:
+        raise LoadError(
+            f"its checkpoint does not fit {type(model).__name__}, the model its config.json describes: "
+            f"{len(missing)} weights missing or of another shape ({', '.join(missing[:2])}, ...), "
+            f"{len(info['unexpected_keys'])} unexpected ({', '.join(sorted(info['unexpected_keys'])[:2])}, ...)"
+        )
+    return model
+
+
+def adapt(model, cfg: ModelConfig):
+    """--model.freeze-lm, --model.lora-r (peft), --model.grad-checkpointing on a transformers model."""
+    if cfg.grad_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    if cfg.freeze_lm:
+        model.requires_grad_(False)
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        targets = list(cfg.lora_targets) or "all-linear"
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
+        )
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:  # target modules not found
+            raise InputError(f"--model.lora-targets {' '.join(cfg.lora_targets)}: {e}") from None
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizers
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str]):
-    """A byte-level BPE trained on the given text: deterministic for the same text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str], template: str | None = None):
+    """A byte-level BPE trained on the given text: deterministic for the same text, no download. `template`: what
+    encoding a text adds around it (`[CLS] $A [SEP]`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -57,35 +163,55 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    if template is not None:
+        specials = [(t, tok.token_to_id(t)) for t in special_tokens if t in template]
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def load_tokenizer(name: str | Path, special_tokens: dict):
-    """A pretrained tokenizer with the task's special tokens added (no-op if they are already there)."""
+def build_tokenizer(
+    cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts: Callable[[], Iterable[str]], template=None
+):
+    """The run's tokenizer: pretrained (`cfg.name`), the run's own (`tokenizer_dir`, resuming), or a BPE trained on
+    `texts()` with `specials` (and `template`, see train_tokenizer). A loaded tokenizer keeps its own special tokens
+    (bos, eos, pad: its LM was trained with them) and gets only the task's `additional_special_tokens`."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(name))
-    tok.add_special_tokens(special_tokens)
-    return tok
-
-
-def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, special_tokens: dict, texts: Callable[[], Iterable[str]]):
-    """The run's tokenizer: pretrained (`cfg.name`), the one saved in `tokenizer_dir` (a resumed run), or a BPE
-    trained on `texts()` with the special tokens. Saved into `tokenizer_dir` (by rank 0) if it is not there yet."""
-    import torch.distributed as dist
-
-    if cfg.name is not None:
-        tokenizer = load_tokenizer(cfg.name, special_tokens)
-    elif (tokenizer_dir / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(tokenizer_dir, special_tokens)
+    added = specials.get("additional_special_tokens", [])
+    if cfg.name is not None or (tokenizer_dir / "tokenizer.json").is_file():
+        name = cfg.name if cfg.name is not None else str(tokenizer_dir)
+        tokenizer = pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
     else:
-        specials = [v for v in special_tokens.values() if isinstance(v, str)]
-        specials += special_tokens.get("additional_special_tokens", [])
-        tokenizer = train_tokenizer(texts(), cfg.vocab_size, specials)
-        tokenizer.add_special_tokens(special_tokens)
-    if not (tokenizer_dir / "tokenizer.json").is_file() and (not dist.is_initialized() or dist.get_rank() == 0):
-        tokenizer.save_pretrained(tokenizer_dir)
+        roles = {k: v for k, v in specials.items() if k != "additional_special_tokens"}
+        tokenizer = train_tokenizer(texts(), cfg.vocab_size, [*roles.values(), *added], template)
+        tokenizer.add_special_tokens(roles)
+    tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
     return tokenizer
+
+
+def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int], int]:
+    """(ids before every prompt, ids after it, the id that ends a target). Plain: what the tokenizer puts in front
+    of a text (Llama's <s>, OPT's </s>; nothing for GPT-2 or Qwen2), nothing after, its eos. Chat template: the
+    template's user turn around the prompt, its assistant header after it, and its end-of-turn token (Qwen's
+    <|im_end|>), read off the template rendered around placeholders."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    mark, reply = "PROMPT_7f3a", "REPLY_7f3a"
+    if not chat_template:
+        plain, full = ids(mark), tokenizer(mark)["input_ids"]
+        front = full[: next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)]
+        return front, [], tokenizer.eos_token_id
+    if not tokenizer.chat_template:
+        raise InputError(f"--model.chat-template: the tokenizer of {tokenizer.name_or_path} has no chat template")
+    user = tokenizer.apply_chat_template(
+        [{"role": "user", "content": mark}], add_generation_prompt=True, tokenize=False
+    )
+    turns = [{"role": "user", "content": mark}, {"role": "assistant", "content": reply}]
+    end = ids(tokenizer.apply_chat_template(turns, tokenize=False).split(reply, 1)[1])
+    before, after = user.split(mark)
+    return ids(before), ids(after), end[0] if end else tokenizer.eos_token_id
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,43 +233,60 @@ class FeatureInput(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GPT-2 with features prepended (video-grounded dialogue, captioning, generative VQA)
+# A causal LM with a visual prefix (video-grounded dialogue, captioning, generative VQA)
 
 
-class FeatureGPT2(nn.Module):
-    """GPT-2 LM whose input sequence mixes projected visual features and text tokens (LAVIS's `gpt_dialogue`).
+class VisualPrefixLM(nn.Module):
+    """A causal LM whose input sequence mixes projected visual tokens and text (LAVIS's `gpt_dialogue`; the visual
+    prefix of BLIP-2 and LLaVA).
 
     A batch is a packed sequence: `is_visual` marks the positions that take a visual token (`visual_index` says
-    which of the front end's tokens), all other positions take the embedding of `input_ids`. `token_type_ids` are
-    embedded with the word embeddings and added by GPT-2 itself, so generation keeps extending them. Loss is summed
-    over the labelled tokens and returned with their count, so the caller can normalise over the whole global batch.
+    which of the front end's tokens), all other positions take the embedding of `input_ids`. The task's marker
+    tokens (<speaker1>, <cap>, ...) have embeddings of our own (`markers`, initialised from the LM's rows for them
+    and read instead of those), so they train when the LM is frozen or under LoRA. `token_type_ids` (marker ids)
+    add the same embeddings: GPT-2's own token types (the type token's word embedding added to the input), for
+    every LM. Loss is summed over the labelled tokens and returned with their count, so the caller can normalise
+    over the whole global batch.
     """
 
-    def __init__(self, lm, vision: nn.Module, video_loss_weight: float = 0.0):
+    def __init__(self, lm, vision: nn.Module, markers: list[int], projector: str = "linear", video_loss_weight=0.0):
         super().__init__()
         self.lm = lm
         self.vision = vision
-        width = lm.config.n_embd
-        # Normalised so that features of any scale enter at the scale of GPT-2's hidden states (raw I3D/VGGish
+        words = lm.get_input_embeddings().weight
+        width = words.shape[1]
+        # Normalised so that features of any scale enter at the scale of the LM's hidden states (raw I3D/VGGish
         # values are orders of magnitude larger than word embeddings and would swamp the residual stream).
-        self.projector = nn.Sequential(nn.Linear(vision.dim, width), nn.LayerNorm(width))
+        mlp = [nn.Linear(vision.dim, width), nn.GELU()] if projector == "mlp" else []
+        self.projector = nn.Sequential(*mlp, nn.Linear(width if mlp else vision.dim, width), nn.LayerNorm(width))
+        self.projector_kind = projector
+        self.markers = nn.Embedding.from_pretrained(words[markers].detach().clone(), freeze=False)
+        self.register_buffer("marker_ids", torch.tensor(markers), persistent=False)
         self.video_loss_weight = video_loss_weight
         # Only built when used, so DDP never sees a parameter without a gradient.
-        self.video_head = nn.Linear(width, vision.dim) if video_loss_weight > 0 else None
+        self.video_head = nn.Linear(lm.config.hidden_size, vision.dim) if video_loss_weight > 0 else None
+
+    def marker_embeds(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) token ids → (our embedding where the id is a marker, else 0; where it is one)."""
+        hit = ids.unsqueeze(-1) == self.marker_ids
+        found = hit.any(-1, keepdim=True)
+        return self.markers(hit.int().argmax(-1)) * found, found
 
     def embed(self, batch: dict) -> torch.Tensor:
-        text = self.lm.get_input_embeddings()(batch["input_ids"])
+        own, is_marker = self.marker_embeds(batch["input_ids"])
+        text = torch.where(is_marker, own, self.lm.get_input_embeddings()(batch["input_ids"]))
         visual = self.projector(self.vision(batch)[0].to(text.dtype))
         index = batch["visual_index"].unsqueeze(-1).expand(-1, -1, visual.shape[-1])
         visual = visual.gather(1, index)
-        return torch.where(batch["is_visual"].unsqueeze(-1), visual, text)
+        return (
+            torch.where(batch["is_visual"].unsqueeze(-1), visual, text) + self.marker_embeds(batch["token_type_ids"])[0]
+        )
 
     def run_lm(self, batch: dict, hidden_states: bool = False):
         mask = batch["attention_mask"]
         return self.lm(
             inputs_embeds=self.embed(batch),
             attention_mask=mask,
-            token_type_ids=batch["token_type_ids"],
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             output_hidden_states=hidden_states,
         )
@@ -177,18 +320,29 @@ class FeatureGPT2(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch: dict, num_beams: int, max_len: int, min_len: int, eos_id: int, pad_id: int):
-        """Beam search from a left-padded prompt; returns the new token ids of each sample (eos and pad stripped)."""
-        out = self.lm.generate(
-            inputs_embeds=self.embed(batch),
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"],
-            num_beams=num_beams,
-            max_new_tokens=max_len,
-            min_new_tokens=min_len,
-            do_sample=False,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
+        """Beam search from a left-padded prompt; returns the new token ids of each sample (eos and pad stripped).
+        Position ids come from the attention mask (generate's own, as in training). Every new token gets the type
+        of the prompt's last token, as GPT-2 extends token_type_ids: generate embeds new tokens with the LM's
+        input embedding, so a hook adds the type there. Markers are never generated."""
+        embeds = self.embed(batch)
+        types = self.marker_embeds(batch["token_type_ids"][:, -1:])[0]
+        hook = self.lm.get_input_embeddings().register_forward_hook(
+            lambda module, args, out: out + types.repeat_interleave(len(out) // len(types), 0).to(out.dtype)
         )
+        try:
+            out = self.lm.generate(
+                inputs_embeds=embeds,
+                attention_mask=batch["attention_mask"],
+                num_beams=num_beams,
+                max_new_tokens=max_len,
+                min_new_tokens=min_len,
+                do_sample=False,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+                suppress_tokens=self.marker_ids.tolist(),
+            )
+        finally:
+            hook.remove()
         results = []
         for row in out.tolist():
             if eos_id in row:
@@ -197,32 +351,62 @@ class FeatureGPT2(nn.Module):
         return results
 
 
-def build_gpt2(cfg: ModelConfig, tokenizer):
-    """GPT-2 LM: pretrained from `cfg.name` (embeddings resized for added tokens) or small from a config."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
+    """The LM: any causal LM from `cfg.name` (embeddings grown for the added tokens; frozen, LoRA, checkpointing
+    as configured) or a small GPT-2 from a config. Generation follows only our flags (eos, pad, beams): a hub
+    model's own sampling defaults (temperature, repetition penalty) are dropped."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    ids["pad_token_id"] = tokenizer.pad_token_id
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad)
     if cfg.name is not None:
-        lm = GPT2LMHeadModel.from_pretrained(cfg.name)
-        lm.resize_token_embeddings(len(tokenizer))
+        lm = load_weights(AutoModelForCausalLM, cfg.name)
+        if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+            lm.resize_token_embeddings(len(tokenizer))
         lm.config.update(ids)
-        lm.generation_config.update(**ids)
-        return lm
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=cfg.n_positions,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        **ids,
-    )
-    lm = GPT2LMHeadModel(config)
-    lm.generation_config.update(**ids)
-    return lm
+    else:
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=cfg.n_positions,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            **ids,
+        )
+        lm = GPT2LMHeadModel(config)
+    lm.generation_config = GenerationConfig(**ids)
+    return adapt(lm, cfg)
+
+
+def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> None:
+    """`load_visual_prefix`'s directory: the LM (LoRA merged into its weights) and the tokenizer with
+    save_pretrained, and visual_prefix.pt: the front end's width, the projector's kind, the marker tokens and
+    every weight outside the LM (front end, projector, markers)."""
+    lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
+    lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm.", "video_head."))}
+    markers = tokenizer.convert_ids_to_tokens(model.marker_ids.tolist())
+    extra = {"feature_dim": model.vision.dim, "projector": model.projector_kind, "markers": markers, "weights": weights}
+    torch.save(extra, Path(directory) / "visual_prefix.pt")
+
+
+def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
+    """(model, tokenizer) from a directory written by `train.py TASK --export DIR`: the LM and tokenizer load with
+    plain transformers (`AutoModelForCausalLM`, `AutoTokenizer`), the rest from visual_prefix.pt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = torch.load(Path(directory) / "visual_prefix.pt", weights_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    markers = tokenizer.convert_tokens_to_ids(extra["markers"])
+    model = VisualPrefixLM(lm, FeatureInput(extra["feature_dim"]), markers, extra["projector"])
+    missing, unexpected = model.load_state_dict(extra["weights"], strict=False)
+    if unexpected or not all(k.startswith("lm.") for k in missing):
+        raise ValueError(f"{directory}/visual_prefix.pt does not fit: missing {missing}, unexpected {unexpected}")
+    return model.eval(), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,14 +414,21 @@ def build_gpt2(cfg: ModelConfig, tokenizer):
 
 
 def build_text_encoder(cfg: ModelConfig, tokenizer):
-    """BertModel: pretrained from `cfg.name` (embeddings resized for added tokens) or small from a config. No
-    pooler: the tasks read the [CLS] state themselves, and an unused pooler would leave DDP with gradless weights."""
-    from transformers import BertConfig, BertModel
+    """A text encoder: any `AutoModel` from `cfg.name` (of a CLIP checkpoint, its text tower; embeddings grown for
+    added tokens) or a small BERT from a config; frozen, LoRA, checkpointing as configured. No pooler where it can
+    be left out (BERT, RoBERTa): the tasks pool themselves, and an unused pooler leaves DDP with gradless weights."""
+    import inspect
+
+    from transformers import MODEL_MAPPING, AutoConfig, BertConfig, BertModel
 
     if cfg.name is not None:
-        encoder = BertModel.from_pretrained(cfg.name, add_pooling_layer=False)
-        encoder.resize_token_embeddings(len(tokenizer))
-        return encoder
+        config = pretrained(AutoConfig.from_pretrained, cfg.name, "model config")
+        model_class = MODEL_MAPPING[type(getattr(config, "text_config", config))]
+        pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+        encoder = load_weights(model_class, cfg.name, **({"add_pooling_layer": False} if pooler else {}))
+        if len(tokenizer) > encoder.get_input_embeddings().num_embeddings:
+            encoder.resize_token_embeddings(len(tokenizer))
+        return adapt(encoder, cfg)
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.n_embd,
@@ -252,7 +443,7 @@ def build_text_encoder(cfg: ModelConfig, tokenizer):
         # (embedded SNLI-VE: chance accuracy after 300 steps, against 96% after 100 with 1/sqrt(width)).
         initializer_range=cfg.n_embd**-0.5,
     )
-    return BertModel(config, add_pooling_layer=False)
+    return adapt(BertModel(config, add_pooling_layer=False), cfg)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -285,7 +476,9 @@ class DualEncoder(nn.Module):
         return nn.functional.normalize(self.image_proj(pooled).float(), dim=-1)
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        cls = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        pooled = getattr(out, "pooler_output", None)  # CLIP's text tower: its eos state (it is causal)
+        cls = out.last_hidden_state[:, 0] if pooled is None else pooled
         return nn.functional.normalize(self.text_proj(cls).float(), dim=-1)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,10 +490,17 @@ class DualEncoder(nn.Module):
 
 class FusionClassifier(nn.Module):
     """One encoder over image and text together (SNLI-VE): the projected regions are placed right after [CLS]
-    in the encoder's inputs_embeds (token type 1, text is type 0), and the class is read from [CLS]'s last state."""
+    in the encoder's inputs_embeds (token type 1, text is type 0, where the encoder has token types), and the class
+    is read from [CLS]'s last state."""
 
     def __init__(self, encoder, vision: nn.Module, num_classes: int):
         super().__init__()
+        if encoder.config.model_type == "clip_text_model":
+            raise InputError(
+                "classification puts image regions into the encoder's input, which CLIP's text tower "
+                "cannot take: pass a BERT-like encoder as --model.name"
+            )
+        self.typed = getattr(encoder.config, "type_vocab_size", 0) > 1
         width = encoder.config.hidden_size
         self.encoder = encoder
         self.vision = vision
@@ -317,5 +517,6 @@ class FusionClassifier(nn.Module):
         mask = torch.cat([text_mask[:, :1], token_mask.long(), text_mask[:, 1:]], dim=1)
         types = torch.zeros_like(mask)
         types[:, 1 : 1 + regions.shape[1]] = 1
-        hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types).last_hidden_state
+        typed = {"token_type_ids": types} if self.typed else {}
+        hidden = self.encoder(inputs_embeds=embeds, attention_mask=mask, **typed).last_hidden_state
         return self.head(hidden[:, 0]).float()

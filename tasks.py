@@ -77,6 +77,9 @@ class TaskConfig:
     """A YAML preset (configs/, or a run's config.yaml); flags on the command line override it."""
     evaluate: bool = False
     """Only evaluate (val and test splits) the checkpoint given by --resume."""
+    export: Path | None = None
+    """Generative tasks: write the checkpoint given by --resume to this directory as plain transformers loads it
+    (the LM with LoRA merged, its tokenizer) plus visual_prefix.pt (see models.load_visual_prefix), then stop."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
     max_steps: int = 1_000_000
@@ -138,6 +141,8 @@ class TaskConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.evaluate and self.resume is None:
             raise ValueError("--evaluate needs a checkpoint: pass --resume PATH (or --resume auto with --output-dir)")
+        if self.export is not None and (self.resume is None or self.evaluate):
+            raise ValueError("--export needs a checkpoint (--resume PATH) and no --evaluate")
         if self.resume == "auto" and self.output_dir is None:
             raise ValueError("--resume auto needs --output-dir (the run to continue)")
         if self.fsdp and self.compile:
@@ -191,7 +196,8 @@ class BaseTask:
         raise NotImplementedError
 
     def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
-        """The model; `tokenizer_dir` holds the run's tokenizer (loaded if there, else built and saved there)."""
+        """The model; `tokenizer_dir` holds the run's tokenizer if it has one yet (else build one: train.py saves
+        `self.tokenizer` there once the run starts). Nothing is written here: bad input stops the run first."""
         raise NotImplementedError
 
     def collate(self, samples: list[dict], train: bool) -> dict:
@@ -313,17 +319,23 @@ def simple_tokenize(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# What the GPT-2 tasks (dialogue, captioning, generative VQA) share: FeatureGPT2, its tokenizer, packing, generation
+# What the generative tasks (dialogue, captioning, generative VQA) share: models.VisualPrefixLM, its tokenizer,
+# packing, generation
 
 
-class GPT2Task(BaseTask):
-    """A task whose model is FeatureGPT2: visual features in front of a text prompt, then the target text.
+class LMTask(BaseTask):
+    """A task whose model is models.VisualPrefixLM: visual tokens in front of a text prompt, then the target text.
 
-    A subclass names its special tokens (`SPECIAL`; `VISUAL` is the token type of the feature positions), the text
-    its tokenizer is trained on (`training_texts`) and how a sample becomes a prompt (`collate`, through `pack`).
+    A subclass names its marker tokens (`MARKERS`, added to the tokenizer; `VISUAL` is the type of the visual
+    positions), the text a new tokenizer is trained on (`training_texts`) and how a sample becomes a prompt
+    (`collate`, through `pack`). `self.token` maps the markers and "<eos>", "<pad>" to ids: a pretrained
+    tokenizer keeps its own eos (what its LM learned to end text with) and pad (its eos where it has none: only
+    ever at masked, unlabelled positions), and every prompt starts as it starts a text (its bos, if it adds one).
+    `self.separator` ends a segment inside a prompt (a dialogue turn): <eos>, as in LAVIS's dialogue; nothing in a
+    chat template's user turn, which an end-of-turn token would end.
     """
 
-    SPECIAL: typing.ClassVar[dict]
+    MARKERS: typing.ClassVar[tuple[str, ...]]
     VISUAL: typing.ClassVar[str]
     cfg: GenerationConfig
 
@@ -334,13 +346,19 @@ class GPT2Task(BaseTask):
         import models
 
         cfg = self.cfg.model
-        self.tokenizer = models.build_tokenizer(
-            cfg, tokenizer_dir, self.SPECIAL, lambda: self.training_texts(train_set)
-        )
-        self.token = {t: self.tokenizer.convert_tokens_to_ids(t) for t in self.tokenizer.all_special_tokens}
-        lm = models.build_gpt2(cfg, self.tokenizer)
-        self.max_positions = lm.config.n_positions
-        return models.FeatureGPT2(lm, self.build_vision(train_set), cfg.video_loss_weight)
+        specials = {"eos_token": "<eos>", "pad_token": "<pad>", "additional_special_tokens": list(self.MARKERS)}
+        texts = functools.partial(self.training_texts, train_set)
+        self.tokenizer = tok = models.build_tokenizer(cfg, tokenizer_dir, specials, texts)
+        self.front, self.back, eos = models.prompt_tokens(tok, cfg.chat_template)
+        if eos is None:
+            raise InputError(f"the tokenizer of {cfg.name} has no eos token to end a generated text with")
+        pad = eos if tok.pad_token_id is None else tok.pad_token_id
+        self.token = {t: tok.convert_tokens_to_ids(t) for t in self.MARKERS} | {"<eos>": eos, "<pad>": pad}
+        self.separator = [] if cfg.chat_template else [eos]
+        lm = models.build_causal_lm(cfg, tok, eos, pad)
+        self.max_positions = lm.config.max_position_embeddings - len(self.front) - len(self.back)
+        markers = [self.token[t] for t in self.MARKERS]
+        return models.VisualPrefixLM(lm, self.build_vision(train_set), markers, cfg.projector, cfg.video_loss_weight)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids without special tokens, from the Rust tokenizer directly: the transformers wrapper around it
@@ -348,13 +366,16 @@ class GPT2Task(BaseTask):
         return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def pack(self, samples: list[dict], prompts: list[tuple[list[int], list[int]]], targets, train: bool) -> dict:
-        """prompts = (token ids, token types) per sample, placed after its feature frames; targets = token ids to
-        learn (train only; they and their <eos> take the type of the prompt's last token, and are the only
-        labelled positions). Train: right-padded with labels. Eval: the prompt alone, left-padded for generation."""
+        """prompts = (token ids, token types) per sample, placed after its visual tokens (between `self.front` and
+        `self.back`); targets = token ids to learn (train only; they and their <eos> take the type of the prompt's
+        last token, and are the only labelled positions). Train: right-padded with labels. Eval: the prompt alone,
+        left-padded for generation."""
         eos = self.token["<eos>"]
         rows = []
         for sample, (ids, kinds), target in zip(samples, prompts, targets, strict=True):
             frames = self.visual_len(sample)
+            ids = [*self.front, *ids, *self.back]
+            kinds = [kinds[0]] * len(self.front) + kinds + [kinds[-1]] * len(self.back)
             labels = [-100] * (frames + len(ids))
             if train:
                 labels += [*target, eos]
@@ -399,7 +420,7 @@ def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore, load) -> 
 
 def pack_visual_and_text(rows, pad_id: int, left: bool) -> dict:
     """rows = (n_visual, text_ids, token_types, labels) per sample → one packed, padded sequence per sample, laid out
-    as [visual | text]: `is_visual`/`visual_index` say which positions take which visual token (see FeatureGPT2)."""
+    as [visual | text]: `is_visual`/`visual_index` say which positions take which visual token (VisualPrefixLM)."""
     seqs = [[pad_id] * frames + ids for frames, ids, _, _ in rows]
     visual = [[1] * frames + [0] * len(ids) for frames, ids, _, _ in rows]
     return {
@@ -428,15 +449,10 @@ class DialogueConfig(GenerationConfig):
     """Feature streams to use (concatenated along the feature axis)."""
 
 
-class DialogueTask(GPT2Task):
+class DialogueTask(LMTask):
     """Video-grounded dialogue (AVSD): answer the last question about a video, given caption and dialog history."""
 
-    SPECIAL: typing.ClassVar[dict] = {
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "additional_special_tokens": ["<speaker1>", "<speaker2>", "<video>", "<cap>"],
-    }
+    MARKERS = ("<speaker1>", "<speaker2>", "<video>", "<cap>")
     VISUAL = "<video>"
 
     cfg: DialogueConfig
@@ -455,7 +471,7 @@ class DialogueTask(GPT2Task):
         """Packs [video frames | caption | history | question | <speaker2> answer] per sample; token types are
         <video>, <cap>, <speaker1> (questions), <speaker2> (answers). Train: right-padded, labels only on the
         answer and its <eos>. Eval: the prompt up to <speaker2>, left-padded so beam search continues each row."""
-        tok, eos = self.token, self.token["<eos>"]
+        tok, sep = self.token, self.separator
         texts = [
             [s["caption"] + " " + s["summary"], *(t for qa in s["history"] for t in qa), s["question"]] for s in samples
         ]
@@ -478,13 +494,13 @@ class DialogueTask(GPT2Task):
                 segments = [(tok["<cap>"], caption)] if self.cfg.use_caption else []
                 segments += [(tok["<speaker1>"] if i % 2 == 0 else tok["<speaker2>"], t) for i, t in enumerate(history)]
                 segments.append((tok["<speaker1>"], question))
-                if not history or sum(len(t) + 2 for _, t in segments) <= budget:
+                if not history or sum(len(t) + 1 + len(sep) for _, t in segments) <= budget:
                     break
                 history = history[2:]  # drop the oldest question/answer pair
             ids, types = [], []
             for speaker, t in segments:
-                ids += [speaker, *t, eos]
-                types += [speaker] * (len(t) + 2)
+                ids += [speaker, *t, *sep]
+                types += [speaker] * (len(t) + 1 + len(sep))
             ids, types = ids[-budget:], types[-budget:]  # still too long: cut the caption from the left
             prompts.append(([*ids, tok["<speaker2>"]], [*types, tok["<speaker2>"]]))
         batch = self.pack(samples, prompts, answers, train)
@@ -527,15 +543,10 @@ class CaptioningConfig(ImageGenerationConfig):
     min_len: int = 1
 
 
-class CaptioningTask(GPT2Task):
+class CaptioningTask(LMTask):
     """Image captioning (COCO Karpathy): describe an image; Bleu, METEOR, ROUGE_L, CIDEr against its references."""
 
-    SPECIAL: typing.ClassVar[dict] = {
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "additional_special_tokens": ["<image>", "<cap>"],
-    }
+    MARKERS = ("<image>", "<cap>")
     VISUAL = "<image>"
 
     cfg: CaptioningConfig
@@ -547,7 +558,7 @@ class CaptioningTask(GPT2Task):
         return [s["caption"] for s in train_set.samples]
 
     def collate(self, samples: list[dict], train: bool) -> dict:
-        """[image | <bos> caption <eos>], token types <image> and <cap>; eval prompts end at <bos>."""
+        """[image | <cap> caption <eos>], token types <image> and <cap>; eval prompts end at <cap>."""
         tok = self.token
         captions = [[] for _ in samples]
         if train:
@@ -555,7 +566,7 @@ class CaptioningTask(GPT2Task):
             captions = [
                 c[: self.max_positions - self.visual_len(s) - 2] for s, c in zip(samples, captions, strict=True)
             ]
-        batch = self.pack(samples, [([tok["<bos>"]], [tok["<cap>"]]) for _ in samples], captions, train)
+        batch = self.pack(samples, [([tok["<cap>"]], [tok["<cap>"]]) for _ in samples], captions, train)
         if not train:
             batch["references"] = [s["references"] for s in samples]
         return batch
@@ -596,15 +607,10 @@ class VQAConfig(ImageGenerationConfig):
             raise ValueError(f"--answer-list file not found: {self.answer_list}")
 
 
-class VQATask(GPT2Task):
+class VQATask(LMTask):
     """Visual question answering (VQAv2): answer a question about an image; VQA accuracy, overall and per type."""
 
-    SPECIAL: typing.ClassVar[dict] = {
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "additional_special_tokens": ["<image>", "<question>", "<answer>"],
-    }
+    MARKERS = ("<image>", "<question>", "<answer>")
     VISUAL = "<image>"
 
     cfg: VQAConfig
@@ -821,18 +827,17 @@ class EncoderTask(BaseTask):
         """The tokenizer (trained on `texts()` unless pretrained or saved) and the text encoder."""
         import models
 
-        self.tokenizer = models.build_tokenizer(self.cfg.model, tokenizer_dir, self.SPECIAL, texts)
-        return models.build_text_encoder(self.cfg.model, self.tokenizer)
+        cfg = self.cfg.model
+        self.tokenizer = models.build_tokenizer(cfg, tokenizer_dir, self.SPECIAL, texts, "[CLS] $A [SEP]")
+        return models.build_text_encoder(cfg, self.tokenizer)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """[CLS] text [SEP], cut to --max-text-len, right-padded."""
-        tok = self.tokenizer
-        encoded = tok(texts, add_special_tokens=False)["input_ids"]
-        rows = [[tok.cls_token_id, *ids[: self.cfg.max_text_len - 2], tok.sep_token_id] for ids in encoded]
-        return {
-            "input_ids": data.pad(rows, tok.pad_token_id),
-            "attention_mask": data.pad([[1] * len(r) for r in rows], 0),
-        }
+        """Each text framed as its tokenizer frames one ([CLS] text [SEP]; RoBERTa's <s> text </s>), cut to
+        --max-text-len, right-padded."""
+        out = self.tokenizer(
+            texts, truncation=True, max_length=self.cfg.max_text_len, padding=True, padding_side="right"
+        )
+        return {k: torch.tensor(out[k]) for k in ("input_ids", "attention_mask")}
 
 
 # ----------------------------------------------------------------------------------------------------------------

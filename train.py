@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from data import InputError, ResumableSampler, collate_in_worker
+from models import LoadError
 from tasks import TASKS, TaskConfig, config_to_dict, load_preset, unknown_task_message
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,17 +373,33 @@ def init_wandb(cfg: TaskConfig, task: str, run_dir: Path, run_id: str | None):
         return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
 
 
+def export(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> None:
+    """--export DIR: the checkpoint's model as plain transformers code loads it (models.save_visual_prefix)."""
+    import models
+
+    if not isinstance(model, models.VisualPrefixLM):
+        raise InputError("--export: only the generative tasks' models (dialogue, captioning, vqa) are exported")
+    if cfg.export.exists() and any(cfg.export.iterdir()) and not cfg.overwrite:
+        raise InputError(f"--export {cfg.export} is not empty: pass another directory or --overwrite")
+    models.save_visual_prefix(model, tokenizer, cfg.export)
+    print(f"exported {cfg.resume} to {cfg.export}: models.load_visual_prefix({str(cfg.export)!r})", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data loading, optimizer and schedule
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TaskConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (linear/embedding weights) only, not on biases and norm scales."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    """AdamW over the parameters that train: a frozen one is not in it at all (weight decay would still move it).
+    Weight decay on matrices (linear/embedding weights) only, not on biases and norm scales. Each part has its
+    learning rate by parameter name (one line per part below); the rest (projector, new embeddings, heads): --lr."""
+    parts = [("lm.", cfg.model.lm_lr), ("text_encoder.", cfg.model.lm_lr), ("encoder.", cfg.model.lm_lr)]
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            lr = next((lr for prefix, lr in parts if name.startswith(prefix) and lr is not None), cfg.lr)
+            groups.setdefault((lr, cfg.weight_decay if p.dim() >= 2 else 0.0), []).append(p)
+    groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
 
 
@@ -427,7 +444,7 @@ def train_flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
     overestimate)."""
     weights = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
     config = getattr(getattr(model, "lm", model), "config", None)
-    attention = 12 * config.n_layer * config.n_embd * seq_len if hasattr(config, "n_layer") else 0
+    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len if hasattr(config, "hidden_size") else 0
     return 6 * weights + attention
 
 
@@ -576,22 +593,34 @@ def main(argv: list[str]) -> None:
     # Every input is read and checked before anything in the run directory is created, replaced or overwritten.
     run_dir = agree(rank, partial(choose_run_dir, name, cfg))
     ckpt_path = find_checkpoint(cfg, run_dir)
-    ckpt = load_checkpoint(ckpt_path, name, ("model", "step") if cfg.evaluate else RESUME_KEYS) if ckpt_path else None
+    needs = ("model", "step") if cfg.evaluate or cfg.export else RESUME_KEYS
+    ckpt = load_checkpoint(ckpt_path, name, needs) if ckpt_path else None
     if cfg.evaluate and ckpt is None:
         raise InputError(f"--evaluate: no checkpoint to evaluate in {run_dir}")
     task = TASKS[name][0](cfg)
     datasets = task.build_datasets()
-    agree(rank, partial(start_run, run_dir, name, cfg))
-
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer_dir = (ckpt_path.parent if ckpt_path else run_dir) / "tokenizer"
-    model = task.build_model(datasets["train"], tokenizer_dir)
+    try:
+        model = task.build_model(datasets["train"], tokenizer_dir)
+    except LoadError as e:
+        source = (
+            "--model.name" if cfg.config is None or _flag_value(argv, "--model.name") else f"{cfg.config}: model.name"
+        )
+        raise InputError(f"{source} {cfg.model.name}: {e}") from None
     # Frozen parameters are not saved: checkpoints hold their digest, and they must match it on loading.
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     digest = frozen_digest(model, frozen) if rank == 0 else None
-    model = model.to(device)
     if ckpt:
         agree(rank, partial(check_fits, ckpt_path, ckpt, model, frozen, digest))
+    if cfg.export is not None:
+        if ckpt:
+            load_state(model, ckpt_path, frozen, ckpt)
+        return export(model, getattr(task, "tokenizer", None), cfg) if rank == 0 else None
+    agree(rank, partial(start_run, run_dir, name, cfg))
+    if rank == 0 and not (tokenizer_dir / "tokenizer.json").is_file() and hasattr(task, "tokenizer"):
+        task.tokenizer.save_pretrained(tokenizer_dir)
+    model = model.to(device)
     if cfg.fsdp:
         shard_model(model, bf16)
     if ckpt:
@@ -806,7 +835,7 @@ def main(argv: list[str]) -> None:
                 loss_total, count_total, tokens_total, samples_total = window.tolist()
                 elapsed = time.perf_counter() - window_start
                 metrics = {
-                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/lr": cfg.lr * lr_factor(step, cfg, total_steps),
                     "train/epoch": step / steps_per_epoch,
                     "train/samples_per_s": samples_total / elapsed,
                     "train/tokens_per_s": tokens_total / elapsed,

@@ -57,3 +57,98 @@ def write_image_dataset(root: Path, splits: dict[str, list], features: dict[str,
     for image_id, shape in features.items():
         np.save(root / "features" / f"{image_id}.npy", rng.standard_normal(shape).astype(np.float32))
     return root
+
+
+# Tiny random-init causal LMs of each family, saved with save_pretrained beside a tokenizer that has the family's
+# quirks: special tokens (bos, eos, pad) as the family sets them, whether encoding a text prepends bos, and Qwen2's
+# chat template. (special tokens, bos, eos, pad, bos prepended)
+LM_FAMILIES = {
+    "gpt2": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", None, False),  # bos == eos, no pad
+    "llama": (["<unk>", "<s>", "</s>"], "<s>", "</s>", None, True),  # no pad
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "<|endoftext|>", False),
+    "opt": (["<pad>", "</s>", "<unk>"], "</s>", "</s>", "<pad>", True),  # bos == eos
+}
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LM_TEXT = [
+    "a red cup on the kitchen table. what is the man holding? he holds a blue book and opens the door.",
+    "the woman walks to the green phone. is there a dog? no, two cats sit by the window.",
+]
+
+
+def save_lm_family(family: str, directory: Path, width: int = 32, seed: int = 0) -> Path:
+    """A tiny `family` causal LM and its tokenizer (a BPE trained on LM_TEXT), saved into `directory`."""
+    import torch
+    from tokenizers import processors
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+
+    import models
+
+    specials, bos, eos, pad, prepend_bos = LM_FAMILIES[family]
+    tokenizer = models.train_tokenizer(LM_TEXT * 3, 300, specials)
+    if prepend_bos:
+        bos_id = tokenizer.convert_tokens_to_ids(bos)
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, bos_id)]
+        )
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = bos, eos, pad
+    if family == "qwen2":
+        tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    blocks = dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256)
+    config = {
+        "gpt2": lambda: GPT2Config(n_embd=width, n_layer=2, n_head=2, n_positions=256, **ids),
+        "llama": lambda: LlamaConfig(num_key_value_heads=1, intermediate_size=2 * width, **blocks, **ids),
+        "qwen2": lambda: Qwen2Config(num_key_value_heads=1, intermediate_size=2 * width, **blocks, **ids),
+        "opt": lambda: OPTConfig(ffn_dim=2 * width, word_embed_proj_dim=width, **blocks, **ids),
+    }[family]()
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
+# Tiny text encoders of each family beside tokenizers that frame a text as the family does: (specials, template,
+# pad). CLIP is saved whole (both towers): the encoder tasks take its text tower.
+ENCODER_FAMILIES = {
+    "bert": (["[PAD]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", "[PAD]"),
+    "roberta": (["<s>", "<pad>", "</s>"], "<s> $A </s>", "<pad>"),
+    "distilbert": (["[PAD]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", "[PAD]"),
+    "clip": (["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>", "<|endoftext|>"),
+}
+
+
+def save_encoder_family(family: str, directory: Path, width: int = 32) -> Path:
+    """A tiny `family` text encoder and its tokenizer (a BPE trained on LM_TEXT), saved into `directory`."""
+    import torch
+    import transformers as hf
+
+    import models
+
+    specials, template, pad = ENCODER_FAMILIES[family]
+    tokenizer = models.train_tokenizer(LM_TEXT * 3, 300, specials, template)
+    tokenizer.pad_token = pad
+    tokenizer.save_pretrained(directory)
+    n, pad_id = len(tokenizer), tokenizer.pad_token_id
+    blocks = dict(hidden_size=width, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * width)
+    torch.manual_seed(0)
+    if family == "clip":
+        text = dict(vocab_size=n, eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), **blocks)
+        config = hf.CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=16, **blocks))
+        model = hf.CLIPModel(config)
+    elif family == "distilbert":
+        config = hf.DistilBertConfig(vocab_size=n, dim=width, n_layers=1, n_heads=2, hidden_dim=2 * width)
+        model = hf.DistilBertModel(config)
+    else:
+        types = {"type_vocab_size": 1} if family == "roberta" else {}  # as roberta-base: one token type
+        config = hf.AutoConfig.for_model(family, vocab_size=n, pad_token_id=pad_id, **types, **blocks)
+        model = hf.AutoModel.from_config(config)
+    model.save_pretrained(directory)
+    return directory

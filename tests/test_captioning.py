@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import write_image_dataset
+from helpers import save_lm_family, write_image_dataset
 
 import data
 import tasks
@@ -113,17 +113,16 @@ def test_loader_errors_name_the_problem(tmp_path, breakage, message):
         assert str(root / "features") in str(error.value)  # the path of the bad file is named
 
 
-def test_collate_labels_only_the_caption_and_prompts_end_at_bos(tmp_path):
+def test_collate_labels_only_the_caption_and_prompts_end_at_cap(tmp_path):
     task = task_for(write_root(tmp_path))
     datasets = task.build_datasets()
     task.build_model(datasets["train"], tmp_path / "tokenizer")
-    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     tok = task.token
     samples = [datasets["train"][i] for i in (0, 2)]  # 1 frame and 3 frames
     batch = task.collate(samples, train=True)
     caption = task.tokenizer("a red cup.", add_special_tokens=False)["input_ids"]
     row = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
-    assert row == [tok["<pad>"], tok["<bos>"], *caption, tok["<eos>"]]  # one frame slot, then the text
+    assert row == [tok["<pad>"], tok["<cap>"], *caption, tok["<eos>"]]  # one frame slot, then the text
     assert batch["labels"][0][: len(row)].tolist() == [-100, -100, *caption, tok["<eos>"]]
     assert batch["is_visual"][1][:3].all() and not batch["is_visual"][1][3:].any()
     assert set(batch["token_type_ids"][1][:3].tolist()) == {tok["<image>"]}
@@ -131,8 +130,8 @@ def test_collate_labels_only_the_caption_and_prompts_end_at_bos(tmp_path):
 
     eval_batch = task.collate([datasets["val"][0], datasets["val"][1]], train=False)
     assert "labels" not in eval_batch
-    assert (eval_batch["input_ids"][:, -1] == tok["<bos>"]).all()  # left-padded: every prompt ends at <bos>
-    assert eval_batch["attention_mask"][0].tolist() == [0, 1, 1]  # 1 frame + <bos>, padded to 2 frames + <bos>
+    assert (eval_batch["input_ids"][:, -1] == tok["<cap>"]).all()  # left-padded: every prompt ends at <cap>
+    assert eval_batch["attention_mask"][0].tolist() == [0, 1, 1]  # 1 frame + <cap>, padded to 2 frames + <cap>
     assert eval_batch["references"] == [["a green phone.", "a phone."], ["a black towel.", "a towel."]]
 
 
@@ -197,16 +196,12 @@ def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path, monkeypatch
 def test_pretrained_gpt2_from_a_local_directory(tmp_path):
     """--model.name: a GPT-2 and its tokenizer saved with save_pretrained (a tiny one here: no download) get the
     task's special tokens and embeddings resized to match; a train step and beam search run on it."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer
 
     import models
 
-    pretrained = tmp_path / "gpt2"
-    tokenizer = models.train_tokenizer(["a red cup.", "a blue book.", "a green phone."] * 5, 300, ["<|endoftext|>"])
-    tokenizer.save_pretrained(pretrained)
-    GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=64)
-    ).save_pretrained(pretrained)
+    pretrained = save_lm_family("gpt2", tmp_path / "gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
     task = task_for(write_root(tmp_path / "data"), model=models.ModelConfig(name=str(pretrained)))
     datasets = task.build_datasets()
     model = task.build_model(datasets["train"], tmp_path / "run" / "tokenizer")

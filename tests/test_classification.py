@@ -78,7 +78,7 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
     import models
 
     texts = ["a red cup in the kitchen.", "a blue book in the office."] * 20
-    tokenizer = models.train_tokenizer(texts, 200, list(tasks.EncoderTask.SPECIAL.values()))
+    tokenizer = models.train_tokenizer(texts, 200, list(tasks.EncoderTask.SPECIAL.values()), "[CLS] $A [SEP]")
     tokenizer.add_special_tokens(tasks.EncoderTask.SPECIAL)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
     bert = BertModel(config, add_pooling_layer=False)

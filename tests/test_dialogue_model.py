@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import save_lm_family
 from test_avsd_data import multiref_dialog, ten_turn_dialog, write_avsd
 
 import tasks
@@ -89,20 +90,17 @@ def test_beam_generation_respects_min_and_max_len(built):
 
 
 def test_pretrained_model_and_tokenizer_load_from_a_local_directory(built, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     task, datasets, _ = built
-    # A "pretrained" checkpoint: a tokenizer without our special tokens and a tiny GPT-2, saved like a hub model.
-    tokenizer = task.tokenizer.__class__(tokenizer_object=task.tokenizer.backend_tokenizer)
-    tokenizer.save_pretrained(tmp_path / "pretrained")
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=256))
-    lm.save_pretrained(tmp_path / "pretrained")
-    cfg = dataclasses.replace(task.cfg, model=ModelConfig(name=str(tmp_path / "pretrained")))
+    pretrained = save_lm_family("gpt2", tmp_path / "pretrained")
+    lm = AutoModelForCausalLM.from_pretrained(pretrained)
+    cfg = dataclasses.replace(task.cfg, model=ModelConfig(name=str(pretrained)))
     pretrained_task = tasks.DialogueTask(cfg)
     model = pretrained_task.build_model(datasets["train"], tmp_path / "run" / "tokenizer")
     assert torch.equal(model.lm.transformer.h[0].attn.c_attn.weight, lm.transformer.h[0].attn.c_attn.weight)
     assert model.lm.get_input_embeddings().weight.shape[0] == len(pretrained_task.tokenizer)
-    assert model.lm.config.n_positions == 256
+    assert pretrained_task.max_positions == 256
     loss_sum, count = model(pretrained_task.collate([datasets["train"][3]], train=True))
     assert torch.isfinite(loss_sum) and count > 0
 

@@ -28,7 +28,7 @@ def environment(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task_and_model(tmp_path_factory):
-    """A small AVSD root whose samples differ in frame count and text length, a random-init FeatureGPT2 whose
+    """A small AVSD root whose samples differ in frame count and text length, a random-init VisualPrefixLM whose
     weights are large enough that its logits have no near-ties (so float rounding cannot flip a beam)."""
     root = tmp_path_factory.mktemp("avsd")
     rng = np.random.default_rng(0)

@@ -124,7 +124,7 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
     import models
 
     texts = ["a red cup in the kitchen.", "a blue book in the office."] * 20
-    tokenizer = models.train_tokenizer(texts, 200, list(tasks.EncoderTask.SPECIAL.values()))
+    tokenizer = models.train_tokenizer(texts, 200, list(tasks.EncoderTask.SPECIAL.values()), "[CLS] $A [SEP]")
     tokenizer.add_special_tokens(tasks.EncoderTask.SPECIAL)
     bert = BertModel(
         BertConfig(
@@ -140,7 +140,6 @@ def test_from_pretrained_loads_a_saved_encoder(tmp_path):
     model = task.build_model(datasets["train"], tmp_path / "run-tokenizer")
     for name, value in bert.state_dict().items():
         assert torch.equal(model.text_encoder.state_dict()[name], value), name
-    assert (tmp_path / "run-tokenizer" / "tokenizer.json").is_file()  # saved with the run
     batch = task.collate([datasets["train"][i] for i in range(4)], train=True)
     loss, count = task.train_step(model, batch)
     assert count.item() == 4 and torch.isfinite(loss)
@@ -261,3 +260,29 @@ def test_gathered_loss_gradients_match_one_rank(tmp_path):
 def test_presets_load(preset):
     cfg = tasks.load_preset(ROOT / "configs" / f"{preset}.yaml", "retrieval", tasks.RetrievalConfig())
     assert cfg.model.name == "bert-base-uncased" and cfg.max_epochs == 6 and cfg.batch_size == 32
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "clip"])
+def test_any_text_encoder_family_trains_and_evaluates(family, tmp_path):
+    """--model.name takes any AutoModel text encoder: its tokenizer frames texts as the family does (RoBERTa's
+    <s> text </s>), RoBERTa and DistilBERT take no token types, CLIP's text tower (from a whole CLIP checkpoint) is
+    causal and pooled at its eos; classification fuses regions into the encoder's input (not CLIP's)."""
+    from helpers import ENCODER_FAMILIES, save_encoder_family
+
+    name = str(save_encoder_family(family, tmp_path / family))
+    first = ENCODER_FAMILIES[family][1].split()[0]
+    for task_name in ("retrieval", "classification"):
+        task_class, default = tasks.TASKS[task_name]
+        task = task_class(dataclasses.replace(default, model=dataclasses.replace(default.model, name=name)))
+        datasets = task.build_datasets()
+        if family == "clip" and task_name == "classification":
+            with pytest.raises(tasks.InputError, match="CLIP's text tower cannot take"):
+                task.build_model(datasets["train"], tmp_path / "tokenizer")
+            continue
+        model = task.build_model(datasets["train"], tmp_path / "tokenizer")
+        batch = task.collate([datasets["train"][i] for i in range(4)], train=True)
+        assert batch["input_ids"][0, 0].item() == task.tokenizer.convert_tokens_to_ids(first)
+        loss, count = task.train_step(model, batch)
+        loss.backward()
+        assert torch.isfinite(loss) and count.item() == 4
+        assert task.valid_step(model.eval(), task.collate([datasets["val"][0]], train=False))

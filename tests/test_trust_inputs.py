@@ -3,6 +3,7 @@ security rules (checkpoints with weights_only, YAML with safe_load). All in-proc
 fails before a model is built."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -238,3 +239,56 @@ def test_a_crash_mid_save_leaves_the_last_checkpoint_readable_and_retention_keep
     ]
     assert train.load_checkpoint(tmp_path / "ckpt_best.pt", "dialogue", needs=("step",))["step"] == 3
     assert train.load_checkpoint(train.find_checkpoint(cfg, tmp_path), "dialogue", needs=("step",))["step"] == 6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A model or tokenizer that cannot be loaded: one line naming it and where it was set, nothing created
+
+
+def llama_weights_under(config, directory: Path) -> Path:
+    """A Llama checkpoint whose config.json describes another architecture: nothing of it fits."""
+    from helpers import save_lm_family
+
+    save_lm_family("llama", directory)
+    config.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("task", "checkpoint", "expected"),
+    [
+        ("dialogue", None, "--model.name /no/such/dir: cannot load the tokenizer: no directory /no/such/dir"),
+        ("dialogue", "gpt2", "its checkpoint does not fit GPT2LMHeadModel, the model its config.json describes: "),
+        ("retrieval", "bert", "its checkpoint does not fit BertModel, the model its config.json describes: "),
+    ],
+)
+def test_a_model_that_does_not_load_is_one_message_and_creates_nothing(root, tmp_path, task, checkpoint, expected):
+    from transformers import BertConfig, GPT2Config
+
+    name = "/no/such/dir"
+    if checkpoint is not None:
+        small = {
+            "gpt2": GPT2Config(n_embd=32, n_layer=1, n_head=2),
+            "bert": BertConfig(hidden_size=32, num_attention_heads=2),
+        }
+        config = small[checkpoint]
+        name = str(llama_weights_under(config, tmp_path / "checkpoint"))
+    out = tmp_path / "run"
+    data_flags = ["--data.root", str(root)] if task == "dialogue" else []
+    with pytest.raises(InputError) as error:
+        train.main([task, *data_flags, "--model.name", name, "--output-dir", str(out)])
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    if checkpoint is not None:
+        assert str(error.value).startswith(f"--model.name {name}: ") and "missing" in str(error.value)
+    assert not out.exists()
+
+
+def test_a_preset_hub_model_offline_is_one_line_naming_the_preset_and_creates_no_run_dir(tiny_root, tmp_path):
+    preset = ROOT / "configs" / "dialogue_avsd_ft.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    argv = [sys.executable, str(ROOT / "train.py"), "dialogue", "--config", str(preset), "--data.root", str(tiny_root)]
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {preset}: model.name gpt2: cannot load the tokenizer: not a local directory")
+    assert proc.stderr.endswith("pass a directory saved with save_pretrained\n") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
