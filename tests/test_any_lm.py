@@ -49,16 +49,27 @@ def argv(roots, task: str, family: str, out: Path, *flags) -> list[str]:
 
 @pytest.fixture(scope="module")
 def dialogue_runs(roots):
-    """family → the run directory of 4 dialogue steps (checkpoints at 2 and 4, evaluated at 4), made on demand."""
+    """family → the run directory of 4 dialogue steps (checkpoints at 2 and 4, evaluated at 4), made on demand.
+    TRAINED[family] is that run's model object as training left it (checkpoints leave frozen weights out)."""
     runs = {}
+    build = tasks.DialogueTask.build_model
+
+    def keep(self, *args):
+        TRAINED[self.cfg.model.name] = build(self, *args)
+        return TRAINED[self.cfg.model.name]
 
     def get(family: str) -> Path:
         if family not in runs:
             runs[family] = roots["base"] / f"run-{family}"
-            train.main(argv(roots, "dialogue", family, runs[family], "--max-steps", "4", "--save-every", "2"))
+            with mock.patch.object(tasks.DialogueTask, "build_model", keep):
+                train.main(argv(roots, "dialogue", family, runs[family], "--max-steps", "4", "--save-every", "2"))
+            TRAINED[family] = TRAINED.pop(str(roots[family]))
         return runs[family]
 
     return get
+
+
+TRAINED = {}
 
 
 def ckpt(run: Path) -> dict:
@@ -104,9 +115,10 @@ def test_trains_evaluates_with_beams_and_resumes_exactly(roots, dialogue_runs, f
 def test_freeze_lm_leaves_the_lm_bitwise_unchanged_and_trains_the_rest(roots, dialogue_runs):
     run = dialogue_runs("llama")
     _, model, _ = fresh_model(roots, "llama", run)
-    before, after = model.state_dict(), ckpt(run)["model"]
+    before, after = model.state_dict(), TRAINED["llama"].state_dict()
     lm = [k for k in before if k.startswith("lm.")]
     assert lm and all(torch.equal(before[k], after[k]) for k in lm)
+    assert not set(lm) & set(ckpt(run)["model"]) and ckpt(run)["frozen_sha256"]  # left out, their digest kept
     for part in ("projector.0.weight", "markers.weight"):
         assert not torch.equal(before[part], after[part]), part
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -118,7 +130,7 @@ def test_lora_trains_only_the_adapters(roots, dialogue_runs):
     _, model, _ = fresh_model(roots, "qwen2", run)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n for n in trainable if n.startswith("lm.")} == {n for n in trainable if "lora_" in n} != set()
-    before, after = model.state_dict(), ckpt(run)["model"]
+    before, after = model.state_dict(), TRAINED["qwen2"].state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert {k for k in changed if k.startswith("lm.")} == {k for k in before if "lora_" in k}
     assert "projector.1.weight" in changed and "markers.weight" in changed
