@@ -457,7 +457,7 @@ class DialogueConfig(GenerationConfig):
     features: tuple[str, ...] | None = None
     """Feature streams ROOT/features/NAME/ to use, concatenated along the feature axis (widths read from the files;
     a cache written by --cache-features NAME is one). Unset: i3d_flow i3d_rgb vggish; with --model.vision none
-    (`--features vggish` adds the audio beside the frames)."""
+    (`--features vggish --model.vision-tokens 1` adds the audio beside the frames, frame by frame)."""
 
 
 class DialogueTask(GPT2Task):
