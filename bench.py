@@ -2,7 +2,7 @@
 path keep up, does evaluation scale over ranks, how fast does it start, how does cost grow with the dataset.
 
     pip install -r requirements.txt -r requirements-bench.txt
-    python bench.py                    # everything (~15 min on a 2-core CPU); --only loop data eval startup
+    python bench.py                    # everything (~20 min on a 2-core CPU); --only loop data eval startup pixels
 
 Every comparison runs in ONE process (or one machine, for subprocesses) with the same thread settings
 (`--threads`, also exported as OMP_NUM_THREADS to subprocesses), the same model and the same batches. Timings are
@@ -17,6 +17,9 @@ Sections:
            time per epoch and peak RSS of a real train.py run at 1x, 4x, 16x
   eval     beam-search evaluation samples/s with 1 and 2 ranks (torchrun, generation-bound)
   startup  `train.py --help`, `train.py dialogue --help` wall time; launch-to-first-step
+  pixels   raw 640x480 JPEGs through a CLIP ViT tower (--model.vision): loader vs training images/s at 224 px;
+           train.py with a frozen tower vs a bare loop; the cache command vs a bare model(pixel_values) loop;
+           peak RSS of the cache command at 1x and 10x the images
 """
 
 import argparse
@@ -178,23 +181,12 @@ def heldout_loss(model, task, dataset) -> float:
 # 1 + 2: train.py's loop vs a bare loop vs HF Trainer
 
 
-def bench_loop(args, work: Path) -> dict:
-    import torch
-
+def interleaved_train_main(argv: list[str], work: Path, steps: int):
+    """train.main(argv) for real, and at every train log event the bare loop on the same window of batches."""
     import train
 
-    steps, window = args.steps, args.window
-    out = work / "ours"
-    argv = (
-        ["dialogue"] if args.loop_data == "embedded" else ["dialogue", "--data.root", str(real_size_root(args, work))]
-    )
-    argv += ["--max-steps", str(steps), "--log-every", str(window), "--eval-every", str(steps)]
-    argv += ["--output-dir", str(out), "--overwrite", "--num-beams", "1", "--no-report-metric"]
-    argv += ["--model.dropout", str(args.dropout), "--wandb.mode", "disabled", "--data.cache-dir", str(work / "cache")]
-    argv += shlex.split(args.train_flags)
-    task, datasets, model0, cfg = build_side(argv, work)
-
-    # ours: train.main runs for real; at every train log event the bare loop runs the same window of batches.
+    side = build_side(argv, work)
+    task, datasets, model0, cfg = side
     bare = BareLoop(copy.deepcopy(model0), cfg, steps)
     ours = Interleaver(bare, training_batches(task, datasets["train"], cfg))
 
@@ -209,6 +201,22 @@ def bench_loop(args, work: Path) -> dict:
         train.main(argv)
     finally:
         train.Logger = real_logger
+    return ours, bare, side
+
+
+def bench_loop(args, work: Path) -> dict:
+    import torch
+
+    steps, window = args.steps, args.window
+    out = work / "ours"
+    argv = (
+        ["dialogue"] if args.loop_data == "embedded" else ["dialogue", "--data.root", str(real_size_root(args, work))]
+    )
+    argv += ["--max-steps", str(steps), "--log-every", str(window), "--eval-every", str(steps)]
+    argv += ["--output-dir", str(out), "--overwrite", "--num-beams", "1", "--no-report-metric"]
+    argv += ["--model.dropout", str(args.dropout), "--wandb.mode", "disabled", "--data.cache-dir", str(work / "cache")]
+    argv += shlex.split(args.train_flags)
+    ours, bare, (task, datasets, model0, cfg) = interleaved_train_main(argv, work, steps)
     ours_model = copy.deepcopy(model0)
     ours_model.load_state_dict(torch.load(out / "ckpt_last.pt", weights_only=True)["model"])
 
@@ -554,6 +562,132 @@ def bench_startup(args, work: Path, env: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 6: pixels in: raw images through a vision tower
+
+
+def make_images(root: Path, n_images: int, seed: int = 0) -> Path:
+    """COCO-like: 640x480 JPEGs (shapes on a gradient, plus noise, so they decode at a real JPEG's cost) under
+    ROOT/images/train2014/, a Karpathy-layout train split (one caption each) and 8 val images."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    (root / "images" / "train2014").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    base = np.linspace(0, 255, 640 * 480 * 3).reshape(480, 640, 3)
+    entries = []
+    for i in range(n_images):
+        pixels = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(np.roll(pixels, i * 17, axis=1))
+        for _ in range(5):
+            x, y = rng.integers(0, 560), rng.integers(0, 400)
+            ImageDraw.Draw(image).ellipse((x, y, x + 80, y + 80), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        name = f"train2014/COCO_train2014_{i:012d}.jpg"
+        image.save(root / "images" / name, "JPEG", quality=90)
+        entries.append({"image": name, "image_id": f"{i:06d}", "caption": sentence(rng, 9)})
+    (root / "annotations" / "train.json").write_text(json.dumps(entries))
+    val = [{**e, "caption": [e["caption"]]} for e in entries[:8]]
+    (root / "annotations" / "val.json").write_text(json.dumps(val))
+    return root
+
+
+def make_tower(path: Path, size: str) -> Path:
+    """A ViT-S/16 or ViT-B/16 CLIP vision tower at 224 px (random init) and CLIP's image processor, saved."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers.models import clip
+
+    width, heads = {"s16": (384, 6), "b16": (768, 12)}[size]
+    config = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads, patch_size=16)
+    CLIPVisionModel(config).save_pretrained(path)
+    (
+        clip.CLIPImageProcessorPil if hasattr(clip, "CLIPImageProcessorPil") else clip.CLIPImageProcessor
+    )().save_pretrained(path)
+    return path
+
+
+def bench_pixels(args, work: Path, env: dict) -> dict:
+    """Four ratios, side by side in one run: (1) the loader's images/s (decode and training transform in the
+    default workers) over the images/s training consumes, at 224 px, in turns; (2) train.py with a frozen tower
+    (on-the-fly encoding) vs a bare loop running the same model on the same batches (interleaved, as `loop`); (3)
+    the cache command (in process: dataset check, tower load, workers, writing files included) vs a bare
+    `model(pixel_values)` loop over the same images, decoded beforehand; (4) peak RSS of the cache command (a
+    subprocess) at 1x and 10x the images."""
+    import torch
+
+    import train
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tower = make_tower(work / "tower", args.tower or ("b16" if device == "cuda" else "s16"))
+    root = make_images(work / "pixels-1x", args.images)
+    result = {"tower": args.tower or ("b16" if device == "cuda" else "s16"), "images_1x": args.images}
+    argv = ["captioning", "--data.root", str(root), "--model.vision", str(tower), "--wandb.mode", "disabled"]
+    argv += ["--num-beams", "1", "--max-len", "5", "--no-report-metric", "--batch-size", str(args.pixel_batch)]
+    argv += ["--eval-batch-size", str(args.pixel_batch), "--model.dropout", "0"]
+
+    # (1) loader vs training, in turns
+    task, datasets, model, cfg = build_side(argv, work / "side")
+    loader = train.build_loader(task, datasets["train"], cfg, 0, 1, train=True, pin_memory=device == "cuda")
+    batches = iter(itertools.chain.from_iterable(itertools.repeat(loader)))
+    bare = BareLoop(model.to(device), cfg, 100)
+    move = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    bare.run([move(next(batches))])  # warm-up
+    deliver, consume = [], []
+    for _ in range(args.repeats):
+        for _ in range(2 * max(1, cfg.data.num_workers)):  # what the workers prefetched while training ran
+            next(batches)
+        start = time.perf_counter()
+        for _ in range(4):
+            next(batches)
+        deliver.append(4 * cfg.batch_size / (time.perf_counter() - start))
+        ready = [move(next(batches)) for _ in range(2)]
+        start = time.perf_counter()
+        bare.run(ready)
+        consume.append(2 * cfg.batch_size / (time.perf_counter() - start))
+    del batches, loader
+    result |= {"loader_images_per_s": median(deliver), "train_images_per_s": median(consume)}
+    result["loader_vs_train"] = median([d / c for d, c in zip(deliver, consume, strict=True)])
+
+    # (2) on-the-fly frozen encoding: train.py vs a bare loop, interleaved
+    steps = args.pixel_steps
+    loop_argv = [*argv, "--max-steps", str(steps), "--log-every", "1", "--eval-every", str(steps)]
+    ours, _, _ = interleaved_train_main([*loop_argv, "--output-dir", str(work / "pixels-run")], work, steps)
+    result |= {k: v for k, v in ours.summary(1, "fly").items() if not k.endswith("_pairs_wall_s")}
+
+    # (3) the cache command vs a bare model(pixel_values) loop over the same images
+    from models import VisionTower
+    from tasks import TASKS
+
+    _, cfg = train.parse_config([*argv, "--data.no-augment"])
+    dataset = TASKS["captioning"][0](cfg).build_datasets()["train"]
+    pixels = [torch.stack([dataset[i]["pixels"][0] for i in range(k, min(k + cfg.eval_batch_size, len(dataset)))])
+              for k in range(0, len(dataset), cfg.eval_batch_size)]  # fmt: skip
+    vision = VisionTower(cfg.model).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    vision.tower(pixel_values=pixels[0].to(device))  # warm-up
+    for name in ("cache", "bare"):  # in turns, each twice
+        result[f"{name}_s"] = []
+    for k in range(2):
+        start = time.perf_counter()
+        train.main([*argv, "--cache-features", f"bench{k}"])
+        result["cache_s"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            for batch in pixels:
+                vision.tower(pixel_values=batch.to(device)).last_hidden_state.float().cpu()
+        sync()
+        result["bare_s"].append(time.perf_counter() - start)
+    result["cache_vs_bare"] = min(result["bare_s"]) / min(result["cache_s"])
+    result["cache_images_per_s"] = args.images / min(result["cache_s"])
+
+    # (4) peak RSS of the cache command at 1x and 10x the images (the small tower: memory, not speed)
+    for k in (1, 10):
+        big = root if k == 1 else make_images(work / f"pixels-{k}x", k * args.images)
+        cmd = [*TRAIN, "captioning", "--data.root", str(big), "--model.vision", "small", "--model.vision-size", "224"]
+        _, rss, wall = child_rss([*cmd, "--cache-features", "rss", "--wandb.mode", "disabled"], env)
+        result[f"cache_{k}x_peak_rss_mib"], result[f"cache_{k}x_s"] = rss, wall
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def cpu_ratios(r: dict, name: str) -> str:
@@ -618,6 +752,26 @@ def table(results: dict) -> str:
             ("eval: 2 ranks samples/s", f"{r['rank2_samples_per_s']:.2f}", ""),
             ("eval: 2 ranks / 1 rank", f"{r['rank2_vs_rank1']:.2f}", ">= 1.7"),
         ]
+    if "pixels" in results:
+        r = results["pixels"]
+        rows += [
+            (
+                f"pixels: loader / training images/s, 224 px, {r['tower']} frozen",
+                f"{r['loader_vs_train']:.1f} ({r['loader_images_per_s']:.0f} / {r['train_images_per_s']:.1f})",
+                ">= 2",
+            ),
+            ("pixels: train.py (frozen tower, on the fly) / bare loop: wall", ratio_row(r, "fly"), ">= 1/1.05"),
+            (
+                "pixels: cache command / bare model(pixel_values): images/s",
+                f"{r['cache_vs_bare']:.3f} ({r['cache_images_per_s']:.1f} images/s)",
+                ">= 0.9",
+            ),
+            (
+                "pixels: cache command peak RSS 1x / 10x images (MiB)",
+                f"{r['cache_1x_peak_rss_mib']:.0f} / {r['cache_10x_peak_rss_mib']:.0f}",
+                "flat",
+            ),
+        ]
     if "startup" in results:
         r = results["startup"]
         rows += [
@@ -633,7 +787,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", default=["startup", "loop", "data", "eval"])
+    parser.add_argument("--only", nargs="+", default=["startup", "loop", "data", "eval", "pixels"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) everywhere")
     parser.add_argument("--steps", type=int, default=120, help="loop: training steps per contender")
     parser.add_argument(
@@ -655,6 +809,10 @@ def main() -> None:
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--beams", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="eval/startup: runs per measurement (median)")
+    parser.add_argument("--images", type=int, default=128, help="pixels: 640x480 JPEGs at 1x")
+    parser.add_argument("--tower", choices=["s16", "b16"], help="pixels: ViT-S/16 or ViT-B/16 (default: B on GPU)")
+    parser.add_argument("--pixel-batch", type=int, default=8, help="pixels: images per batch")
+    parser.add_argument("--pixel-steps", type=int, default=40, help="pixels: train.py steps beside the bare loop")
     parser.add_argument("--train-flags", default="", help="loop: extra train.py flags, e.g. --train-flags=--compile")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--loader-child", help=argparse.SUPPRESS)
@@ -682,6 +840,7 @@ def main() -> None:
             "loop": lambda: bench_loop(args, work),
             "data": lambda: bench_data(args, work, env),
             "eval": lambda: bench_eval(args, work, env),
+            "pixels": lambda: bench_pixels(args, work, env),
         }
         for name in args.only:
             started = time.perf_counter()

@@ -1,8 +1,9 @@
 """Datasets: reading real annotation/feature layouts, generating the embedded defaults, samplers and padding.
 
 Everything here is task-agnostic except the dataset formats (AVSD, ...), which live here so that a task in
-`tasks.py` only says which format it reads. Visual input is always pre-extracted features: one `.npy` per video
-or image, memory-mapped so that a dataset much larger than RAM costs nothing until a batch touches it.
+`tasks.py` only says which format it reads. Visual input is pre-extracted features (one `.npy` per video or image,
+memory-mapped so that a dataset much larger than RAM costs nothing until a batch touches it) or raw pixels (images
+and videos decoded and transformed in the loader workers, for a vision tower: `Pixels`, `MediaDataset`).
 """
 
 import json
@@ -10,6 +11,7 @@ import math
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,10 +52,11 @@ class FeatureStore:
 
     Streams are memory-mapped, truncated to the shortest one (LAVIS's alignment: i3d and vggish run at different
     rates) and to `max_len` frames, then concatenated along the feature axis. A stream with a single vector per id
-    (shape (D,)) is treated as one frame.
+    (shape (D,)) is treated as one frame. A stream of width None takes the width of its first file (a cache written
+    by --cache-features), which every other file must then have.
     """
 
-    def __init__(self, root: Path, streams: dict[str, int], max_len: int):
+    def __init__(self, root: Path, streams: dict[str, int | None], max_len: int):
         self.root, self.streams, self.max_len = root, streams, max_len
         # (stream, id) -> (data offset, shape, dtype, Fortran order), parsed once by check(): parsing an .npy header
         # (ast.literal_eval) cost more than mapping the file, three times per sample in every batch.
@@ -87,6 +90,7 @@ class FeatureStore:
             raise InputError(f"cannot read feature file for id {feature_id!r}: {path} (an object array)")
         if len(shape) == 1:  # one vector per id: one frame
             shape = (1, *shape)
+        width = self.streams[stream] = width or shape[-1]
         if len(shape) != 2 or shape[1] != width or shape[0] == 0:
             raise InputError(f"feature file for id {feature_id!r} has shape {shape}, expected (T, {width}): {path}")
         if size < offset + math.prod(shape) * dtype.itemsize:
@@ -126,12 +130,12 @@ class FeatureDataset(Dataset):
     everything grounded in the video breaks.
     """
 
-    def __init__(self, samples: list[dict], features: FeatureStore, key: str, shuffle_features: bool = False):
+    def __init__(self, samples: list[dict], features: FeatureStore | None, key: str, shuffle_features: bool = False):
         if not samples:
             raise InputError("empty split: no samples")
         self.samples, self.features, self.key = samples, features, key
         ids = sorted({s[key] for s in samples})
-        for feature_id in ids:
+        for feature_id in ids if features is not None else []:
             features.check(feature_id)
         self.remap = {i: i for i in ids}
         if shuffle_features:
@@ -145,6 +149,155 @@ class FeatureDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         return {**sample, "features": self.features.load(self.remap[sample[self.key]])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Raw pixels (--model.vision): ROOT/images/{entry's "image"} or ROOT/videos/{image_id}.{mp4,webm,avi,mkv}, decoded
+# and transformed in the loader workers into the tower's input, (F, 3, H, W) per sample (F = 1 for an image).
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv")
+
+
+class Pixels:
+    """Files → the tower's `pixel_values`. Eval (and training with --data.no-augment): the tower's image processor.
+    Training: first a random resized crop to its output size (scale 0.5-1, ratio 3/4-4/3, bicubic: BLIP's and
+    open_clip's fine-tuning) and a horizontal flip, the same for every frame of a video; the processor then only
+    normalises. Images: EXIF orientation applied, any mode made RGB. Videos (PyAV): `num_frames` frames, at the
+    centres of equal segments (training: anywhere within each), each found by a seek to the keyframe before it."""
+
+    def __init__(self, processor, num_frames: int):
+        self.processor, self.num_frames = processor, num_frames
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        self.size = (size.get("height"), size.get("width"))
+        if None in self.size:
+            raise InputError(f"image processor {type(processor).__name__} gives no fixed size (height, width)")
+
+    def frames(self, path: Path) -> int:
+        return self.num_frames if path.suffix in VIDEO_EXTENSIONS else 1
+
+    def __call__(self, path: Path, rng: np.random.Generator | None, check: bool = False) -> torch.Tensor | None:
+        """(F, 3, H, W) float32; `rng` None: the evaluation transform. `check`: only what is cheap, before training:
+        the file exists, its header (image) or its container and video stream (video) can be read."""
+        from PIL import Image
+
+        if not path.is_file():
+            raise InputError(f"missing {'video' if path.suffix in VIDEO_EXTENSIONS else 'image'} file: {path}")
+        images = self.read_video(path, rng, check) if path.suffix in VIDEO_EXTENSIONS else [read_image(path, check)]
+        if check:
+            return None
+        if rng is not None:
+            box, flip = crop_box(images[0].size, rng), rng.random() < 0.5
+            images = [image.resize(self.size[::-1], Image.Resampling.BICUBIC, box=box) for image in images]
+            images = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images] if flip else images
+        return torch.from_numpy(self.processor(images=images, return_tensors="np")["pixel_values"])
+
+    def read_video(self, path: Path, rng: np.random.Generator | None, check: bool = False) -> list:
+        import av
+
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]  # IndexError: none
+                start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+                duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
+                duration = duration or (container.duration or 0) / av.time_base
+                if duration <= 0:
+                    raise ValueError("no duration")
+                offsets = rng.random(self.num_frames) if rng is not None else np.full(self.num_frames, 0.5)
+                frames = []
+                for t in [] if check else start + duration / self.num_frames * (np.arange(self.num_frames) + offsets):
+                    container.seek(int(t / stream.time_base), stream=stream, backward=True)
+                    frame = None  # the frame on screen at time t: the last one starting at or before it
+                    for candidate in container.decode(stream):
+                        if frame is not None and candidate.time > t:
+                            break
+                        frame = candidate
+                    frames.append(frame.to_image())  # AttributeError: no frame decoded
+                return frames
+        except Exception as e:  # PyAV's errors, a missing stream or frame
+            raise InputError(f"cannot decode video {path}: {type(e).__name__}: {e}") from None
+
+
+def read_image(path: Path, check: bool = False):
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            return image.size if check else ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as e:  # PIL raises many types for a bad file
+        raise InputError(f"cannot {'read' if check else 'decode'} image {path}: {e}") from None
+
+
+def image_file(root: Path, sample: dict) -> Path:
+    """ROOT/images/{the entry's "image"}."""
+    if not sample.get("image"):
+        raise InputError(f"sample {sample['id']}: no 'image' field (the image file under {root / 'images'})")
+    return root / "images" / sample["image"]
+
+
+def video_file(root: Path, sample: dict) -> Path:
+    """ROOT/videos/{image_id}.{mp4,webm,avi,mkv}: the first that exists (the .mp4, named as missing, if none)."""
+    candidates = [root / "videos" / f"{sample['image_id']}{extension}" for extension in VIDEO_EXTENSIONS]
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+def crop_box(size: tuple[int, int], rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """A random crop (left, top, right, bottom) of 0.5-1 of the area, aspect ratio 3/4-4/3 (torchvision's
+    RandomResizedCrop: 10 tries, then the whole image clamped to that ratio)."""
+    width, height = size
+    for _ in range(10):
+        area, ratio = width * height * rng.uniform(0.5, 1.0), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+            return left, top, left + w, top + h
+    w, h = min(width, round(height * 4 / 3)), min(height, round(width * 4 / 3))
+    return (width - w) / 2, (height - h) / 2, (width + w) / 2, (height + h) / 2
+
+
+class MediaDataset(FeatureDataset):
+    """Samples joined with their image or video as `pixels` (F, 3, H, W), and with `features` (extra streams, e.g.
+    VGGish audio beside the frames) if given; `media`: feature id → file. Every file is checked (cheaply) here: a
+    bad one is an InputError naming it, or with `skip_bad` its samples are left out, counted on stderr. One that
+    fails later, in a loader worker, is the same error, or one warning line and its sample left out of the batch
+    (collate_in_worker). Training randomness comes from (seed, epoch, index), the sampler passing (epoch, index):
+    a resumed run draws the crops, flips and frame times of the uninterrupted one, whichever worker loads them."""
+
+    per_epoch = True  # ResumableSampler yields (epoch, index)
+
+    def __init__(self, samples, features, key, shuffle, media: dict, pixels: Pixels, skip_bad: bool, train, seed):
+        bad = {}
+        for feature_id in sorted(media):
+            try:
+                pixels(media[feature_id], None, check=True)
+            except InputError as e:
+                bad[feature_id] = str(e)
+                if not skip_bad:
+                    raise
+        if bad and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            first = next(iter(bad.values()))
+            print(
+                f"warning: skipped {len(bad)} of {len(media)} files that cannot be read, first: {first}",
+                file=sys.stderr,
+            )
+        super().__init__([s for s in samples if s[key] not in bad], features, key, shuffle)
+        self.media, self.pixels, self.skip_bad, self.train, self.seed = media, pixels, skip_bad, train, seed
+        self.frames = max(pixels.frames(path) for path in media.values())
+
+    def __getitem__(self, key) -> dict | None:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        sample = self.samples[index]
+        source = self.remap[sample[self.key]]
+        try:
+            pixels = self.pixels(
+                self.media[source], np.random.default_rng([self.seed, epoch, index]) if self.train else None
+            )
+        except InputError as e:
+            if not self.skip_bad:
+                raise
+            print(f"warning: skipped: {e} (--data.skip-bad-files)", file=sys.stderr, flush=True)
+            return None
+        features = {"features": self.features.load(source)} if self.features is not None else {}
+        return {**sample, "pixels": pixels, **features}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,8 +390,9 @@ EMBEDDED_SPLITS = {"train": 240, "val": 40, "test": 40}
 EMBEDDED_VERSION = "avsd-embedded-v5"
 
 
-def make_embedded_avsd(root: Path, seed: int = 0) -> None:
-    """Write the embedded AVSD into `root` (all splits, annotations and features)."""
+def make_embedded_avsd(root: Path, seed: int = 0, pixels: bool = False) -> None:
+    """Write the embedded AVSD into `root` (all splits, annotations and features). `pixels`: the same dialogs, with
+    a video per dialog (ROOT/videos/, see write_video) and only the vggish features."""
     rng = np.random.default_rng(seed)
     directions = {
         (attr, value): rng.standard_normal(AVSD_STREAMS[stream]).astype(np.float32)
@@ -262,7 +416,12 @@ def make_embedded_avsd(root: Path, seed: int = 0) -> None:
                 for attr, (attr_stream, _) in _ATTRIBUTES.items():
                     if attr_stream == stream:
                         frames += directions[attr, attrs[attr]]
-                np.save(root / "features" / stream / f"{video_id}.npy", frames)
+                if not pixels or stream == "vggish":
+                    np.save(root / "features" / stream / f"{video_id}.npy", frames)
+            if pixels:
+                extension = {4: ".mkv", 8: ".avi"}.get(i % 10, ".mp4")
+                values = [values.index(attrs[attr]) for attr, (_, values) in _ATTRIBUTES.items()]
+                write_video(root / "videos" / f"{video_id}{extension}", *values[:4], np.random.default_rng([seed, i]))
             grounded = [phrasings[rng.integers(2)] for phrasings in _QUESTIONS.values()]
             grounded = [(q, a.format(**attrs)) for q, a in grounded]
             small_talk = [_SMALL_TALK[k] for k in rng.permutation(len(_SMALL_TALK))[:5]]
@@ -313,15 +472,16 @@ def load_captions(path: Path, train: bool) -> list[dict]:
         captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
         if not captions or not all(isinstance(c, str) for c in captions):
             raise InputError(f"{path}: entry {n}: 'caption' must be a string or a non-empty list of strings")
-        image_id = image_feature_id(entry)
+        image_id, image = image_feature_id(entry), entry.get("image")
         if train:
             samples += [
-                {"id": f"{image_id}#{n}.{k}", "image_id": image_id, "caption": c} for k, c in enumerate(captions)
+                {"id": f"{image_id}#{n}.{k}", "image_id": image_id, "image": image, "caption": c}
+                for k, c in enumerate(captions)
             ]
         elif image_id in by_image:
             by_image[image_id]["references"] += captions
         else:
-            by_image[image_id] = {"id": image_id, "image_id": image_id, "references": list(captions)}
+            by_image[image_id] = {"id": image_id, "image_id": image_id, "image": image, "references": list(captions)}
     return samples if train else list(by_image.values())
 
 
@@ -338,7 +498,8 @@ def load_vqa(path: Path, train: bool) -> list[dict]:
                 f"{path}: entry {n} (question_id {entry['question_id']!r}): 'answer' must be a string "
                 "or a list of strings"
             )
-        sample = {"id": str(entry["question_id"]), "image_id": image_feature_id(entry), "question": entry["question"]}
+        sample = {"id": str(entry["question_id"]), "image_id": image_feature_id(entry), "image": entry.get("image")}
+        sample["question"] = entry["question"]
         samples.append({**sample, "answers": answers, "answer_type": entry.get("answer_type")})
     if len({s["id"] for s in samples}) != len(samples):
         raise InputError(f"{path}: question_id values are not unique")
@@ -359,20 +520,91 @@ _IMAGE_ATTRIBUTES = {
 
 
 def _make_images(
-    root: Path, split: str, n_images: int, rng: np.random.Generator, directions: dict, n_values: int | None = None
+    root: Path, split: str, n_images: int, rng: np.random.Generator, directions: dict, n_values=None, pixels=False
 ) -> list[dict]:
-    """Write `n_images` feature files of one split; returns their ids and hidden attributes (each drawn from the
-    first `n_values` values of its attribute; None: all)."""
-    (root / "features").mkdir(parents=True, exist_ok=True)
+    """Write `n_images` feature files (`pixels`: images, see draw_image) of one split; returns their ids and hidden
+    attributes (each drawn from the first `n_values` values of its attribute; None: all)."""
+    (root / "images" / split if pixels else root / "features").mkdir(parents=True, exist_ok=True)
     images = []
     for i in range(n_images):
         attrs = {attr: values[rng.integers(len(values[:n_values]))] for attr, values in _IMAGE_ATTRIBUTES.items()}
         patches = 0.5 * rng.standard_normal((_IMAGE_PATCHES, IMAGE_FEATURE_DIM)).astype(np.float32)
         patches += sum(directions[attr, value] for attr, value in attrs.items())
         image_id = f"{split}{i:04d}"
-        np.save(root / "features" / f"{image_id}.npy", patches)
+        if pixels:
+            values = [_IMAGE_ATTRIBUTES[attr].index(attrs[attr]) for attr in ("color", "thing", "place", "count")]
+            draw_image(
+                root / "images" / split / f"{image_id}.jpg", *values, np.random.default_rng([*split.encode(), i])
+            )
+        else:
+            np.save(root / "features" / f"{image_id}.npy", patches)
         images.append({"image_id": image_id, "image": f"{split}/{image_id}.jpg", **attrs})
     return images
+
+
+# Pixels of the embedded datasets: each hidden attribute drawn. Colours by index of the "color" values; shapes by
+# index of the "thing" values (circle, square, triangle, upright bar, flat bar, cross: polygons in a unit box); an
+# image's background by its "place".
+_RGB = [(220, 30, 30), (30, 60, 220), (30, 170, 50), (240, 220, 30), (15, 15, 15), (245, 245, 245)]
+_BACKGROUNDS = [(150, 120, 90), (170, 140, 190), (110, 110, 120), (120, 160, 120), (90, 130, 160), (200, 180, 140)]
+_a, _b = 1 / 3, 2 / 3
+_SHAPES = [
+    None,
+    [(0, 0), (1, 0), (1, 1), (0, 1)],
+    [(0.5, 0), (1, 1), (0, 1)],
+    [(_a, 0), (_b, 0), (_b, 1), (_a, 1)],
+    [(0, _a), (1, _a), (1, _b), (0, _b)],
+    [(_a, 0), (_b, 0), (_b, _a), (1, _a), (1, _b), (_b, _b), (_b, 1), (_a, 1), (_a, _b), (0, _b), (0, _a), (_a, _a)],
+]
+
+
+def draw_shape(image, shape: int, color: int, x: float, y: float, w: float, h: float) -> None:
+    """Shape `shape` in colour `color`, centred at (x, y), w x h."""
+    from PIL import ImageDraw
+
+    box = [(x + (u - 0.5) * w, y + (v - 0.5) * h) for u, v in _SHAPES[shape] or [(0, 0), (1, 1)]]
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if _SHAPES[shape] is None else draw.polygon)(box, fill=_RGB[color])
+
+
+def draw_image(path: Path, color: int, shape: int, place: int, count: int, rng: np.random.Generator) -> None:
+    """A 64x48 image: `count` + 1 shapes in random cells of a 2x2 grid on the place's background. As among real
+    COCO files, a few are no plain RGB JPEG: a PNG named .jpg, grayscale, CMYK, or stored rotated with an EXIF
+    orientation that turns it upright."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 48), _BACKGROUNDS[place])
+    for cell in rng.permutation(4)[: count + 1]:
+        draw_shape(
+            image, shape, color, 32 * (cell % 2) + rng.integers(12, 18), 24 * (cell // 2) + rng.integers(10, 14), 20, 16
+        )
+    kind, exif = int(rng.integers(20)), Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display" (kind 3)
+    image = {1: image.convert("L"), 2: image.convert("CMYK"), 3: image.transpose(Image.Transpose.ROTATE_90)}.get(
+        kind, image
+    )
+    image.save(path, "PNG" if kind == 0 else "JPEG", quality=90, **({"exif": exif} if kind == 3 else {}))
+
+
+def write_video(path: Path, color: int, shape: int, motion: int, count: int, rng: np.random.Generator) -> None:
+    """2 s at 8 fps, 48x48 (H.264 or MPEG-4): `count` + 1 shapes side by side on grey that move up, move down,
+    stay, grow, shrink or blink (`motion`): none of these changes under a horizontal flip."""
+    import av
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dx, dy = rng.integers(-3, 4, size=2)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 48, 48, "yuv420p"
+        for k in range(16):
+            image, t = Image.new("RGB", (48, 48), (128, 128, 128)), k / 15
+            y = [38 - 28 * t, 10 + 28 * t, 24, 24, 24, 24][motion] + dy
+            size = [12, 12, 12, 4 + 12 * t, 16 - 12 * t, 12 * (k // 2 % 2 == 0)][motion]
+            for j in range(count + 1) if size else []:
+                draw_shape(image, shape, color, 48 * (j + 0.5) / (count + 1) + dx, y, size, size)
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())
 
 
 def _image_directions(rng: np.random.Generator) -> dict:
@@ -393,13 +625,13 @@ CAPTIONS_SPLITS = {"train": 160, "val": 40, "test": 40}  # images; train has 2 c
 CAPTIONS_VERSION = "captions-embedded-v1"
 
 
-def make_embedded_captions(root: Path, seed: int = 0) -> None:
+def make_embedded_captions(root: Path, seed: int = 0, pixels: bool = False) -> None:
     rng = np.random.default_rng(seed)
     directions = _image_directions(rng)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, n_images in CAPTIONS_SPLITS.items():
         entries = []
-        for image in _make_images(root, split, n_images, rng, directions):
+        for image in _make_images(root, split, n_images, rng, directions, pixels=pixels):
             key = {"image": image["image"], "image_id": image["image_id"]}
             captions = [_CAPTIONS[k].format(**image) for k in rng.permutation(len(_CAPTIONS))]
             if split == "train":  # the Karpathy layout: one entry per caption
@@ -413,7 +645,7 @@ VQA_SPLITS = {"train": 160, "val": 30, "test": 30}  # images, 3 questions each
 VQA_VERSION = "vqa-embedded-v1"
 
 
-def make_embedded_vqa(root: Path, seed: int = 0) -> None:
+def make_embedded_vqa(root: Path, seed: int = 0, pixels: bool = False) -> None:
     """Questions of three answer types; the 10 human answers vary in spelling ("two", "2", "Red.") as real VQA
     answers do, and one or two annotators of ten disagree, so the consensus and the official accuracy's answer
     processing (which matches only some spellings) matter."""
@@ -423,7 +655,7 @@ def make_embedded_vqa(root: Path, seed: int = 0) -> None:
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, n_images in VQA_SPLITS.items():
         entries = []
-        for image in _make_images(root, split, n_images, rng, directions):
+        for image in _make_images(root, split, n_images, rng, directions, pixels=pixels):
             asked_color = _IMAGE_ATTRIBUTES["color"][rng.integers(6)] if rng.random() < 0.5 else image["color"]
             plain, period, title = str, "{}.".format, str.title
             questions = [
@@ -478,7 +710,8 @@ def load_snli_ve(path: Path) -> list[dict]:
         if not isinstance(entry["sentence"], str) or not entry["sentence"].strip():
             raise InputError(f"{path}: entry {n}: 'sentence' must be a non-empty string")
         label = SNLI_VE_LABELS.index(entry["label"])
-        samples.append({"id": n, "image_id": image_feature_id(entry), "sentence": entry["sentence"], "label": label})
+        sample = {"id": n, "image_id": image_feature_id(entry), "image": entry.get("image")}
+        samples.append({**sample, "sentence": entry["sentence"], "label": label})
     return samples
 
 
@@ -489,7 +722,7 @@ SNLI_VE_VERSION = "snli-ve-embedded-v1"
 SNLI_VE_VALUES = 3
 
 
-def make_embedded_snli_ve(root: Path, seed: int = 0) -> None:
+def make_embedded_snli_ve(root: Path, seed: int = 0, pixels: bool = False) -> None:
     """Three sentences per image, one per label. Entailment names the image's thing and colour; contradiction its
     thing with another colour; neutral another thing (whose colour the image cannot tell). Every sentence is
     equally likely under every label, so only the image decides."""
@@ -499,7 +732,7 @@ def make_embedded_snli_ve(root: Path, seed: int = 0) -> None:
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, n_images in SNLI_VE_SPLITS.items():
         entries = []
-        for image in _make_images(root, split, n_images, rng, directions, SNLI_VE_VALUES):
+        for image in _make_images(root, split, n_images, rng, directions, SNLI_VE_VALUES, pixels):
             stated = {
                 "entailment": (image["color"], image["thing"]),
                 "contradiction": (rng.choice([c for c in colors if c != image["color"]]), image["thing"]),
@@ -510,6 +743,9 @@ def make_embedded_snli_ve(root: Path, seed: int = 0) -> None:
                 sentence = template.format(color=color, thing=thing, place=image["place"])
                 entries.append({"image": image["image"], "sentence": sentence, "label": label})
         (root / "annotations" / f"{split}.json").write_text(json.dumps(entries, indent=1))
+
+
+PIXELS_VERSION = "pixels-v1"  # appended to an embedded dataset's version for its version with images or videos
 
 
 def default_cache_dir() -> Path:
@@ -540,13 +776,14 @@ def embedded_root(cache_dir: Path | None, name: str, make) -> Path:
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way: `skip` indices of this rank are dropped from the front,
-    so a resumed run sees exactly the batches the interrupted one had not seen yet (without loading the others)."""
+    so a resumed run sees exactly the batches the interrupted one had not seen yet (without loading the others).
+    For a dataset that draws per-sample randomness (`per_epoch`, e.g. MediaDataset) it yields (epoch, index)."""
 
     skip = 0
 
     def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.skip :])
+        indices = list(super().__iter__())[self.skip :]
+        return iter([(self.epoch, i) for i in indices] if getattr(self.dataset, "per_epoch", False) else indices)
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -588,23 +825,35 @@ def share_tensors(batch: dict) -> dict:
 
 
 def collate_in_worker(collate, samples: list, train: bool) -> dict:
-    """The loaders' collate_fn: the task's collate, its result made cheap to send (see share_tensors)."""
-    return share_tensors(collate(samples, train=train))
+    """The loaders' collate_fn: the task's collate, its result made cheap to send (see share_tensors). Samples whose
+    file could not be read (None, with --data.skip-bad-files) are left out."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise InputError("no sample of a batch could be read (--data.skip-bad-files): see the warnings above")
+    return share_tensors(collate(kept, train=train))
 
 
 def stack_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad variable-length (T, D) features into (B, T_max, D) plus a (B, T_max) bool mask of real frames."""
     width = max(a.shape[0] for a in arrays)
-    shape = (len(arrays), width, arrays[0].shape[1])
-    out = torch.empty(0)
-    if torch.utils.data.get_worker_info() is not None:
-        # In a DataLoader worker, build the batch in shared memory (as torch's default_collate does): sending the
-        # largest tensor of the batch to the training process then costs nothing instead of one more copy.
-        out = out.new(out.untyped_storage()._new_shared(math.prod(shape) * out.element_size()))
-    out = out.resize_(shape)
+    out = batch_tensor((len(arrays), width, arrays[0].shape[1]))
     mask = torch.zeros(len(arrays), width, dtype=torch.bool)
     for i, a in enumerate(arrays):
         out[i, : a.shape[0]] = torch.from_numpy(a)
         out[i, a.shape[0] :] = 0
         mask[i, : a.shape[0]] = True
     return out, mask
+
+
+def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float tensor; in a DataLoader worker, in shared memory (as torch's default_collate builds a batch):
+    sending the largest tensor of a batch to the training process then costs nothing instead of one more copy."""
+    out = torch.empty(0)
+    if torch.utils.data.get_worker_info() is not None:
+        out = out.new(out.untyped_storage()._new_shared(math.prod(shape) * out.element_size()))
+    return out.resize_(shape)
+
+
+def stack_pixels(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(F, 3, H, W) per sample → (B, F, 3, H, W)."""
+    return torch.stack(list(pixels), out=batch_tensor((len(pixels), *pixels[0].shape)))

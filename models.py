@@ -5,6 +5,7 @@ tokenizer trained on the training text, so the default runs with no download; se
 (`AutoModelForCausalLM`) or text encoder (`AutoModel`), by hub name or local directory, with its own tokenizer.
 """
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -62,6 +63,22 @@ class ModelConfig:
     chat_template: bool = False
     """Generative tasks: wrap every prompt in the tokenizer's chat template as one user turn, the target being the
     assistant's reply, ended by the template's end-of-turn token (for instruction-tuned LMs)."""
+    vision: str | None = None
+    """Read raw images/videos through this vision tower instead of pre-extracted features: a transformers vision
+    model by hub name or local directory (CLIP, SigLIP/SigLIP2, ViT, DINOv2, ...; of a CLIP/SigLIP checkpoint its
+    vision half) with its image processor, or `small`: a small SigLIP-style tower from a config (--model.vision-size
+    px, --model.n-layer/n-head/n-embd), random init, no download. Images: ROOT/images/{entry's "image"}; videos:
+    ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
+    freeze_vision: bool = True
+    """Frozen tower (as BLIP-2): eval mode, no gradients, bf16 on GPU, not in the optimizer; still in checkpoints.
+    --model.no-freeze-vision fine-tunes it at --model.vision-lr."""
+    vision_lr: float | None = None
+    """Peak learning rate of the tower when fine-tuned; unset: --lr."""
+    vision_tokens: int = 0
+    """Tokens per image (per frame): the tower's patch grid average-pooled to this many (a square: 1, 4, 9, ...); 0:
+    every patch token. The CLS (and register) tokens are not used."""
+    vision_size: int = 32
+    """Input size in pixels of --model.vision small (patches of a quarter of it)."""
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -70,6 +87,10 @@ class ModelConfig:
             raise ValueError("need --model.lora-r >= 0 and 0 <= --model.lora-dropout < 1")
         if self.freeze_lm and self.lora_r:
             raise ValueError("--model.freeze-lm and --model.lora-r exclude each other (LoRA freezes the rest itself)")
+        if self.vision_tokens < 0 or math.isqrt(self.vision_tokens) ** 2 != self.vision_tokens:
+            raise ValueError(f"--model.vision-tokens must be 0 or a square (1, 4, 9, ...), got {self.vision_tokens}")
+        if self.vision_size < 4 or self.vision_size % 4:
+            raise ValueError(f"--model.vision-size must be a multiple of 4, got {self.vision_size}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,6 +251,109 @@ class FeatureInput(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["features"], batch["feature_mask"]
+
+
+def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
+    """(tower, image processor) of --model.vision, the tower built without touching the global RNG (the rest of the
+    model initialises as it would without it; `small` from `seed`). Loud: a directory that is not a vision model,
+    or lacks weights the patch tokens depend on, is one InputError line. Weights they do not depend on (CLIP's
+    post_layernorm, pooling heads) are frozen: a fine-tuned tower leaves DDP no gradless weights."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, SiglipVisionConfig
+    from transformers.models import siglip
+
+    from data import InputError, Pixels
+
+    verbosity, tower, missing = transformers.logging.get_verbosity(), None, []
+    transformers.logging.set_verbosity_error()  # what matters is reported here
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if cfg.vision == "small":
+                processor = getattr(siglip, "SiglipImageProcessorPil", None) or siglip.SiglipImageProcessor
+                processor, size = processor(size={"height": cfg.vision_size, "width": cfg.vision_size}), cfg.vision_size
+                config = SiglipVisionConfig(
+                    hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                    num_attention_heads=cfg.n_head, image_size=size, patch_size=size // 4, vision_use_head=False,
+                )  # fmt: skip
+                tower = None if processor_only else AutoModel.from_config(config)
+            else:  # the PIL backend: the same whether torchvision is installed or not
+                pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+                processor = AutoImageProcessor.from_pretrained(cfg.vision, **pil)
+                config = AutoConfig.from_pretrained(cfg.vision)
+                config = getattr(config, "vision_config", None) or config  # a CLIP/SigLIP model: its vision half
+                if not processor_only:
+                    tower, info = AutoModel.from_pretrained(cfg.vision, config=config, output_loading_info=True)
+                    missing = info["missing_keys"]
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise InputError(f"--model.vision {cfg.vision}: cannot load a vision model: {reason}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if processor_only:
+        return None, processor
+    if not hasattr(tower.config, "patch_size"):
+        raise InputError(f"--model.vision {cfg.vision}: {type(tower).__name__} is not a ViT-style tower (patch tokens)")
+    unused = set()
+    if missing or not cfg.freeze_vision:  # which weights the patch tokens depend on: a backward pass on a blank image
+        tower.eval()(pixel_values=torch.zeros(1, 3, *Pixels(processor, 1).size)).last_hidden_state.sum().backward()
+        unused = {name for name, p in tower.named_parameters() if p.grad is None}
+    if set(missing) - unused:
+        raise InputError(f"--model.vision {cfg.vision}: weights missing from the checkpoint: {sorted(missing)[:3]}")
+    for name, p in tower.named_parameters():
+        p.grad = None
+        p.requires_grad_(name not in unused and not cfg.freeze_vision)
+    return tower.eval(), processor
+
+
+class VisionTower(nn.Module):
+    """Raw pixels through a vision tower (see load_vision): `batch["pixels"]` (B, F, 3, H, W), F = 1 for images and
+    the sampled frames of a video, runs as (B*F, 3, H, W) and gives (B, F*K, D) patch tokens, K per frame (all the
+    patches, or --model.vision-tokens by average pooling over the patch grid), mask all True. Frozen: eval mode even
+    in a model in training mode, no gradients, bf16 autocast on GPU. Extra feature streams (`features`, e.g. VGGish
+    audio beside the frames) are aligned to the shorter and concatenated along the width, as FeatureStore aligns
+    streams: a cache of the tokens (--cache-features) read as a stream before the same extra streams gives the
+    same input. A batch without `pixels` carries tokens already encoded."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, extra_dim: int = 0):
+        super().__init__()
+        self.tower = load_vision(cfg, seed)[0]
+        self.tokens, self.frozen = cfg.vision_tokens, cfg.freeze_vision
+        self.dim = self.tower.config.hidden_size + extra_dim
+
+    def tokens_per_image(self, size: tuple[int, int]) -> int:
+        patch = self.tower.config.patch_size
+        return self.tokens or (size[0] // patch) * (size[1] // patch)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.tower.train(mode and not self.frozen)
+        return self
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) → (N, K, D) float32."""
+        bf16 = torch.autocast(pixels.device.type, torch.bfloat16, enabled=self.frozen and pixels.is_cuda)
+        with torch.no_grad() if self.frozen else contextlib.nullcontext(), bf16:
+            hidden = self.tower(pixel_values=pixels).last_hidden_state
+        patch = self.tower.config.patch_size
+        rows, cols = pixels.shape[-2] // patch, pixels.shape[-1] // patch
+        patches = hidden[:, hidden.shape[1] - rows * cols :].float()  # CLS and register tokens come first
+        if self.tokens:
+            grid = patches.transpose(1, 2).reshape(len(patches), -1, rows, cols)
+            patches = nn.functional.adaptive_avg_pool2d(grid, math.isqrt(self.tokens)).flatten(2).transpose(1, 2)
+        return patches
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "pixels" not in batch:
+            return batch["features"], batch["feature_mask"]
+        pixels = batch["pixels"]
+        tokens = self.encode(pixels.flatten(0, 1)).reshape(len(pixels), -1, self.tower.config.hidden_size)
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if "features" in batch:
+            length = min(tokens.shape[1], batch["features"].shape[1])
+            tokens = torch.cat([tokens[:, :length], batch["features"][:, :length].to(tokens.dtype)], -1)
+            mask = batch["feature_mask"][:, :length]
+        return tokens, mask
 
 
 # ----------------------------------------------------------------------------------------------------------------

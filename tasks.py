@@ -42,13 +42,26 @@ class DataConfig:
     max_feature_len: int = 200
     """Frames kept per video (after aligning the feature streams to the shortest)."""
     shuffle_features: bool = False
-    """Ablation: give every sample the features of another video. A grounded model must score clearly worse."""
+    """Ablation: give every sample the features (or image, video) of another one. A grounded model must score
+    clearly worse."""
+    features: str | None = None
+    """Image tasks: read the features from ROOT/features/NAME/ (e.g. a cache written by --cache-features NAME), their
+    width from the files. Unset: ROOT/features/. (Dialogue names its streams with --features.)"""
+    num_frames: int = 8
+    """Videos (--model.vision): frames sampled per video, at the centres of equal segments (training: anywhere
+    within each, unless --data.no-augment)."""
+    augment: bool = True
+    """Pixels (--model.vision), training only: random resized crop (scale 0.5-1, ratio 3/4-4/3) and horizontal flip,
+    video frames jittered within their segments. Off: training reads pixels exactly as evaluation does."""
+    skip_bad_files: bool = False
+    """Pixels: skip (and count, on stderr) the samples whose image or video is missing, corrupt or undecodable,
+    instead of stopping at the first one with an error naming it."""
 
     def __post_init__(self):
         if self.root is not None and not self.root.is_dir():
             raise ValueError(f"--data.root {self.root} is not a directory")
-        if self.num_workers < 0 or self.max_feature_len < 1:
-            raise ValueError("--data.num-workers must be >= 0 and --data.max-feature-len >= 1")
+        if self.num_workers < 0 or self.max_feature_len < 1 or self.num_frames < 1:
+            raise ValueError("--data.num-workers must be >= 0, --data.max-feature-len and --data.num-frames >= 1")
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,10 @@ class TaskConfig:
     export: Path | None = None
     """Generative tasks: write the checkpoint given by --resume to this directory as plain transformers loads it
     (the LM with LoRA merged, its tokenizer) plus visual_prefix.pt (see models.load_visual_prefix), then stop."""
+    cache_features: str | None = None
+    """Instead of training: run the frozen --model.vision tower once over every image or video of every split and
+    write ROOT/features/NAME/{id}.npy, (frames x tokens, width). Resumable (files already written are kept), shared
+    across ranks under torchrun. Then train on it with --data.features NAME (dialogue: --features NAME ...)."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
     max_steps: int = 1_000_000
@@ -147,6 +164,12 @@ class TaskConfig:
             raise ValueError("--resume auto needs --output-dir (the run to continue)")
         if self.fsdp and self.compile:
             raise ValueError("--compile does not combine with --fsdp (not supported): drop one of them")
+        if self.cache_features is not None and (
+            not re.fullmatch(r"[\w.-]+", self.cache_features) or not self.model.vision
+        ):
+            raise ValueError("--cache-features NAME needs --model.vision (the tower) and a plain NAME (a directory)")
+        if self.model.vision and self.data.features:
+            raise ValueError("--data.features reads cached features, --model.vision encodes pixels: choose one")
 
 
 @dataclass(frozen=True)
@@ -205,19 +228,40 @@ class BaseTask:
         raise NotImplementedError
 
     def build_vision(self, train_set: Dataset) -> nn.Module:
-        """The visual front end the model reads through (see models.FeatureInput): the dataset's features."""
+        """The visual front end the model reads through: the dataset's features (models.FeatureInput), or with
+        --model.vision its images or videos through the tower (models.VisionTower; `pixels` in the samples)."""
         import models
 
-        return models.FeatureInput(train_set.features.dim)
+        if self.cfg.model.vision is None:
+            return models.FeatureInput(train_set.features.dim)
+        extra = train_set.features.dim if train_set.features is not None else 0
+        vision = models.VisionTower(self.cfg.model, self.cfg.seed, extra)
+        self.frame_tokens = vision.tokens_per_image(train_set.pixels.size)
+        if train_set.frames * self.frame_tokens > self.cfg.data.max_feature_len:
+            raise InputError(
+                f"{train_set.frames} frame(s) x {self.frame_tokens} tokens exceed --data.max-feature-len "
+                f"{self.cfg.data.max_feature_len}: raise it, or pool with --model.vision-tokens"
+            )
+        if extra and self.frame_tokens != 1:  # streams align frame by frame (to the shorter): one token a frame
+            raise InputError("feature streams beside a vision tower align with its frames: add --model.vision-tokens 1")
+        return vision
 
     def visual_len(self, sample: dict) -> int:
         """How many visual tokens the front end makes of this sample (positions in a packed sequence)."""
-        return len(sample["features"])
+        if "pixels" not in sample:
+            return len(sample["features"])
+        tokens = len(sample["pixels"]) * self.frame_tokens
+        return min(tokens, len(sample["features"])) if "features" in sample else tokens
 
     def visual_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """The samples' visual input as the front end reads it: features padded to the longest, with their mask."""
-        features, mask = data.stack_features([s["features"] for s in samples])
-        return {"features": features, "feature_mask": mask}
+        """The samples' visual input as the front end reads it: features padded to the longest, with their mask;
+        pixels stacked."""
+        batch = {}
+        if "features" in samples[0]:
+            batch["features"], batch["feature_mask"] = data.stack_features([s["features"] for s in samples])
+        if "pixels" in samples[0]:
+            batch["pixels"] = data.stack_pixels([s["pixels"] for s in samples])
+        return batch
 
     def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, number of loss terms). The loop divides by the count over the whole global batch, so the
@@ -406,15 +450,29 @@ class LMTask(BaseTask):
         return caption_metrics({r["id"]: r["prediction"] for r in results}, {r["id"]: r["references"] for r in results})
 
 
-def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore, load) -> dict[str, Dataset]:
-    """ROOT/annotations/{train,val[,test]}.json read by `load(path, train=...)`, joined with their features."""
+def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore | None, load, media=None) -> dict[str, Dataset]:
+    """ROOT/annotations/{train,val[,test]}.json read by `load(path, train=...)`, joined with their features, or with
+    --model.vision with their image or video (`media(sample)`: its file) and the extra streams of `store`."""
     datasets = {}
+    if cfg.model.vision is not None:
+        import models
+
+        pixels = data.Pixels(models.load_vision(cfg.model, processor_only=True)[1], cfg.data.num_frames)
     for split in ["train", "val", "test"]:
         path = root / "annotations" / f"{split}.json"
         if split == "test" and not path.exists():
             continue
         samples = load(path, train=split == "train")
-        datasets[split] = data.FeatureDataset(samples, store, "image_id", cfg.data.shuffle_features)
+        if cfg.model.vision is None:
+            datasets[split] = data.FeatureDataset(samples, store, "image_id", cfg.data.shuffle_features)
+        else:
+            files = {s["image_id"]: media(s) for s in samples}
+            train = split == "train" and cfg.data.augment
+            datasets[split] = data.MediaDataset(
+                samples, store, "image_id", cfg.data.shuffle_features, files, pixels, cfg.data.skip_bad_files, train,
+                cfg.seed,
+            )  # fmt: skip
+        datasets[split].root = root
     return datasets
 
 
@@ -445,8 +503,10 @@ class DialogueConfig(GenerationConfig):
     """Earlier question/answer pairs kept as history."""
     use_caption: bool = True
     """Put the video's caption and summary in front of the dialog."""
-    features: tuple[Literal["i3d_flow", "i3d_rgb", "vggish"], ...] = ("i3d_flow", "i3d_rgb", "vggish")
-    """Feature streams to use (concatenated along the feature axis)."""
+    features: tuple[str, ...] | None = None
+    """Feature streams ROOT/features/NAME/ to use, concatenated along the feature axis (widths read from the files;
+    a cache written by --cache-features NAME is one). Unset: i3d_flow i3d_rgb vggish; with --model.vision none
+    (`--features vggish --model.vision-tokens 1` adds the audio beside the frames, frame by frame)."""
 
 
 class DialogueTask(LMTask):
@@ -458,11 +518,19 @@ class DialogueTask(LMTask):
     cfg: DialogueConfig
 
     def build_datasets(self) -> dict[str, Dataset]:
+        """Features, or with --model.vision ROOT/videos/{image_id}.{mp4,webm,avi,mkv}. The embedded default has
+        videos (and vggish features) with --model.vision or a stream that is not AVSD's (a cache)."""
         cfg = self.cfg
-        root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, data.EMBEDDED_VERSION, data.make_embedded_avsd)
-        streams = {s: data.AVSD_STREAMS[s] for s in cfg.features}
-        store = data.FeatureStore(root / "features", streams, cfg.data.max_feature_len)
-        return load_splits(cfg, root, store, functools.partial(data.load_avsd, max_turns=cfg.max_turns))
+        if cfg.data.features:
+            raise InputError("dialogue reads its feature streams from --features (e.g. --features NAME vggish)")
+        streams = cfg.features if cfg.features is not None else () if cfg.model.vision else tuple(data.AVSD_STREAMS)
+        pixels = cfg.model.vision is not None or not set(streams) <= set(data.AVSD_STREAMS)
+        root = cfg.data.root or embedded_root(cfg, data.EMBEDDED_VERSION, data.make_embedded_avsd, pixels)
+        store = data.FeatureStore(
+            root / "features", {s: data.AVSD_STREAMS.get(s) for s in streams}, cfg.data.max_feature_len
+        )
+        load = functools.partial(data.load_avsd, max_turns=cfg.max_turns)
+        return load_splits(cfg, root, store if streams else None, load, functools.partial(data.video_file, root))
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [t for s in train_set.samples for t in (s["caption"], s["summary"], s["question"], s["answer"])]
@@ -529,11 +597,24 @@ class ImageGenerationConfig(GenerationConfig):
             raise ValueError(f"--feature-dim must be >= 1, got {self.feature_dim}")
 
 
+def embedded_root(cfg: TaskConfig, version: str, make, pixels: bool) -> Path:
+    """An embedded dataset (generated once into --data.cache-dir); `pixels`: its version with images or videos."""
+    if pixels:
+        version, make = f"{version}-{data.PIXELS_VERSION}", functools.partial(make, pixels=True)
+    return data.embedded_root(cfg.data.cache_dir, version, make)
+
+
 def image_datasets(cfg: ImageGenerationConfig, embedded: str, make_embedded, load) -> dict[str, Dataset]:
-    root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, embedded, make_embedded)
-    return load_splits(
-        cfg, root, data.FeatureStore(root, {"features": cfg.feature_dim}, cfg.data.max_feature_len), load
-    )
+    """Features ROOT/features/{id}.npy (--data.features NAME: ROOT/features/NAME/{id}.npy), or with --model.vision
+    images ROOT/images/{entry's "image"}. The embedded default has images with either of those two flags."""
+    pixels = cfg.model.vision is not None or cfg.data.features is not None
+    root = cfg.data.root or embedded_root(cfg, embedded, make_embedded, pixels)
+    store = None
+    if cfg.data.features:
+        store = data.FeatureStore(root / "features", {cfg.data.features: None}, cfg.data.max_feature_len)
+    elif cfg.model.vision is None:
+        store = data.FeatureStore(root, {"features": cfg.feature_dim}, cfg.data.max_feature_len)
+    return load_splits(cfg, root, store, load, functools.partial(data.image_file, root))
 
 
 @dataclass(frozen=True)
@@ -686,12 +767,14 @@ class VQATask(LMTask):
             first_token = model.run_lm(batch).logits[:, -1].float().log_softmax(-1)[:, candidates[:, 0]]
             shortlist = first_token.topk(self.cfg.num_ans_candidates, dim=1).indices
         scores = torch.empty(shortlist.numel(), device=device)
+        # Each image encoded once (a tower would run per pair otherwise); the pairs carry its tokens.
+        visual = dict(zip(("features", "feature_mask"), model.vision(batch), strict=True))
         for pairs in torch.arange(len(scores), device=device).split(self.cfg.rank_batch_size):
             question, answer = pairs // shortlist.shape[1], shortlist.flatten()[pairs]
             prompt = {k: batch[k][question] for k in ("input_ids", "token_type_ids", "attention_mask")}
             answer_ids, answer_mask = candidates[answer], candidate_mask[answer]
             rows = {
-                **{k: batch[k][question] for k in VISUAL_KEYS if k in batch},
+                **{k: v[question] for k, v in visual.items()},
                 "input_ids": torch.cat([prompt["input_ids"], answer_ids], 1),
                 "token_type_ids": torch.cat(
                     [prompt["token_type_ids"], torch.full_like(answer_ids, self.token["<answer>"])], 1

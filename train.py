@@ -394,6 +394,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TaskConfig, fused: bool) -> tor
     Weight decay on matrices (linear/embedding weights) only, not on biases and norm scales. Each part has its
     learning rate by parameter name (one line per part below); the rest (projector, new embeddings, heads): --lr."""
     parts = [("lm.", cfg.model.lm_lr), ("text_encoder.", cfg.model.lm_lr), ("encoder.", cfg.model.lm_lr)]
+    parts.append(("vision.", cfg.model.vision_lr))  # a fine-tuned tower (--model.no-freeze-vision)
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -513,6 +514,69 @@ def save_shards(model: torch.nn.Module, optimizer, frozen: set[str], path: Path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --cache-features: the frozen tower run once over a dataset's images or videos
+
+
+def cache_features(name: str, cfg: TaskConfig, rank: int, world: int, device: torch.device) -> None:
+    """Every image or video of every split (each feature id once) through the frozen tower with the evaluation
+    transform, written to ROOT/features/NAME/{id}.npy as (frames x tokens, width) float32, each file atomically
+    (temp file, rename): files already there are skipped, so a killed run continues where it stopped. Rank r takes
+    every world-th id from the r-th. ROOT/features/NAME/tower.json records what the tokens depend on; a directory
+    written with other settings is refused."""
+    import dataclasses
+
+    from torch.utils.data import ConcatDataset, Subset
+    from tqdm import tqdm
+
+    import models
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=False, shuffle_features=False))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, freeze_vision=True))
+    datasets = TASKS[name][0](cfg).build_datasets()
+    first = {}  # feature id → (split, index of its first sample)
+    for split, dataset in datasets.items():
+        for index, sample in enumerate(dataset.samples):
+            first.setdefault(sample["image_id"], (split, index))
+    train_set, out = datasets["train"], datasets["train"].root / "features" / cfg.cache_features
+    settings = {"vision": cfg.model.vision, "tokens": cfg.model.vision_tokens, "frames": train_set.frames}
+    small = [cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.seed]  # what `small` is built from
+    settings |= {"size": list(train_set.pixels.size), "small": small if cfg.model.vision == "small" else None}
+
+    def claim() -> None:
+        held = out / "tower.json"
+        if held.is_file() and json.loads(held.read_text()) != settings:
+            raise InputError(f"{out} holds features made with {held.read_text().strip()}: choose another NAME")
+        out.mkdir(parents=True, exist_ok=True)
+        held.write_text(json.dumps(settings))
+
+    agree(rank, claim)
+    mine = [i for i in sorted(first)[rank::world] if not (out / f"{i}.npy").is_file()]
+    subsets = [Subset(d, [first[i][1] for i in mine if first[i][0] == split]) for split, d in datasets.items()]
+    workers = {"num_workers": cfg.data.num_workers, "pin_memory": device.type == "cuda"}
+    loader = DataLoader(ConcatDataset(subsets), cfg.eval_batch_size, collate_fn=pixels_batch, **workers)
+    batches = iter(loader)  # the workers start decoding while the tower loads
+    vision = models.VisionTower(cfg.model, cfg.seed).to(device).eval()
+    for ids, pixels in tqdm(batches, total=len(loader), disable=rank != 0, desc=f"rank 0: {len(mine)} files"):
+        tokens = vision({"pixels": pixels.to(device, non_blocking=True)})[0].cpu().numpy() if ids else []
+        for feature_id, array in zip(ids, tokens, strict=True):
+            tmp = out / f".{feature_id}.npy.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+            os.replace(tmp, out / f"{feature_id}.npy")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        print(f"{out}: {len(list(out.glob('*.npy')))} feature files of {len(first)} ids", flush=True)
+
+
+def pixels_batch(samples: list[dict | None]) -> tuple[list[str], torch.Tensor | None]:
+    from data import stack_pixels
+
+    kept = [s for s in samples if s is not None]  # files that failed, skipped with --data.skip-bad-files
+    return [s["image_id"] for s in kept], stack_pixels([s["pixels"] for s in kept]) if kept else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Faults: stop signals, flags every rank acts on together, the test hook
 
 
@@ -590,6 +654,8 @@ def main(argv: list[str]) -> None:
     train_autocast = nullcontext() if cfg.fsdp else autocast
     peak_flops = peak_bf16_flops(device) if bf16 else None
 
+    if cfg.cache_features is not None:
+        return cache_features(name, cfg, rank, world, device)
     # Every input is read and checked before anything in the run directory is created, replaced or overwritten.
     run_dir = agree(rank, partial(choose_run_dir, name, cfg))
     ckpt_path = find_checkpoint(cfg, run_dir)
