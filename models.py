@@ -70,7 +70,8 @@ class ModelConfig:
     px, --model.n-layer/n-head/n-embd), random init, no download. Images: ROOT/images/{entry's "image"}; videos:
     ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
     freeze_vision: bool = True
-    """Frozen tower (as BLIP-2): eval mode, no gradients, bf16 on GPU, not in the optimizer; still in checkpoints.
+    """Frozen tower (as BLIP-2): eval mode, no gradients, bf16 on GPU, not in the optimizer; checkpoints hold its
+    digest, not its weights (see README, lean checkpoints).
     --model.no-freeze-vision fine-tunes it at --model.vision-lr."""
     vision_lr: float | None = None
     """Peak learning rate of the tower when fine-tuned; unset: --lr."""
@@ -317,7 +318,7 @@ class VisionTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, extra_dim: int = 0):
         super().__init__()
-        self.tower = load_vision(cfg, seed)[0]
+        self.tower, self.processor = load_vision(cfg, seed)
         self.tokens, self.frozen = cfg.vision_tokens, cfg.freeze_vision
         self.dim = self.tower.config.hidden_size + extra_dim
 
@@ -506,29 +507,39 @@ def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
 
 def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> None:
     """`load_visual_prefix`'s directory: the LM (LoRA merged into its weights) and the tokenizer with
-    save_pretrained, and visual_prefix.pt: the front end's width, the projector's kind, the marker tokens and
-    every weight outside the LM (front end, projector, markers)."""
+    save_pretrained, a vision tower with its image processor the same way in vision/, and visual_prefix.pt: the front
+    end's width, the projector's kind, the marker tokens and every other weight (projector, markers)."""
     lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm.", "video_head."))}
+    tower = {}
+    if isinstance(model.vision, VisionTower):
+        model.vision.tower.save_pretrained(Path(directory) / "vision")
+        model.vision.processor.save_pretrained(Path(directory) / "vision")
+        tower = {"tokens": model.vision.tokens, "extra_dim": model.vision.dim - model.vision.tower.config.hidden_size}
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm.", "video_head.", "vision."))}
     markers = tokenizer.convert_ids_to_tokens(model.marker_ids.tolist())
     extra = {"feature_dim": model.vision.dim, "projector": model.projector_kind, "markers": markers, "weights": weights}
-    torch.save(extra, Path(directory) / "visual_prefix.pt")
+    torch.save({**extra, "tower": tower}, Path(directory) / "visual_prefix.pt")
 
 
 def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
     """(model, tokenizer) from a directory written by `train.py TASK --export DIR`: the LM and tokenizer load with
-    plain transformers (`AutoModelForCausalLM`, `AutoTokenizer`), the rest from visual_prefix.pt."""
+    plain transformers (`AutoModelForCausalLM`, `AutoTokenizer`), a vision tower from vision/ (`AutoModel`,
+    `AutoImageProcessor`), the rest from visual_prefix.pt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra = torch.load(Path(directory) / "visual_prefix.pt", weights_only=True)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     markers = tokenizer.convert_tokens_to_ids(extra["markers"])
-    model = VisualPrefixLM(lm, FeatureInput(extra["feature_dim"]), markers, extra["projector"])
+    vision = FeatureInput(extra["feature_dim"])
+    if extra["tower"]:
+        tower = ModelConfig(vision=str(Path(directory) / "vision"), vision_tokens=extra["tower"]["tokens"])
+        vision = VisionTower(tower, extra_dim=extra["tower"]["extra_dim"])
+    model = VisualPrefixLM(lm, vision, markers, extra["projector"])
     missing, unexpected = model.load_state_dict(extra["weights"], strict=False)
-    if unexpected or not all(k.startswith("lm.") for k in missing):
+    if unexpected or not all(k.startswith(("lm.", "vision.")) for k in missing):
         raise ValueError(f"{directory}/visual_prefix.pt does not fit: missing {missing}, unexpected {unexpected}")
     return model.eval(), tokenizer
 

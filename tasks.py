@@ -200,9 +200,6 @@ class GenerationConfig(TaskConfig):
 
 TASKS: dict[str, tuple[type["BaseTask"], TaskConfig]] = {}
 
-# The batch keys that carry visual input (see BaseTask.visual_batch): what a model's front end reads.
-VISUAL_KEYS = ("features", "feature_mask", "pixels")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The base task

@@ -396,3 +396,26 @@ def test_preset_is_lavis_blip_captioning_at_384_px():
     assert (cfg.num_beams, cfg.max_len, cfg.min_len, cfg.model.name) == (3, 20, 5, "gpt2")
     assert cfg.model.vision == "google/vit-base-patch16-384" and not cfg.model.freeze_vision
     assert cfg.model.vision_lr == 1e-5 and cfg.data.augment and cfg.data.max_feature_len == (384 // 16) ** 2
+
+
+def test_export_carries_the_tower_and_generates_the_runs_text(captions, towers, tmp_path):
+    """--export of a pixel run: the tower and its image processor in vision/ (plain AutoModel/AutoImageProcessor
+    load them), and models.load_visual_prefix gives back a model that captions the val images as the run did."""
+    from transformers import AutoModel
+
+    argv = ["captioning", "--data.root", str(captions), "--model.vision", str(towers["siglip"]), *TINY]
+    argv += ["--data.num-workers", "0", "--max-steps", "2", "--model.vision-tokens", "4"]
+    run, out = tmp_path / "run", tmp_path / "export"
+    train.main([*argv, "--output-dir", str(run)])
+    exporting = ["--output-dir", str(tmp_path / "unused"), "--resume", str(run / "ckpt_last.pt"), "--export", str(out)]
+    train.main([*argv, *exporting])
+    assert type(AutoModel.from_pretrained(out / "vision")).__name__ == "SiglipVisionModel"
+    model, _ = models.load_visual_prefix(out)
+    name, cfg = train.parse_config([*argv, "--output-dir", str(run)])
+    task = tasks.TASKS[name][0](cfg)
+    datasets = task.build_datasets()
+    task.build_model(datasets["train"], run / "tokenizer")  # the task's tokenizer and token counts, as in the run
+    batch = task.collate([datasets["val"][i] for i in range(len(datasets["val"]))], train=False)
+    predictions = [r["prediction"] for r in task.valid_step(model, batch)]
+    results = json.loads((run / "results" / "val_step2.json").read_text())
+    assert predictions == [r["prediction"] for r in results] and len(predictions) == 4
