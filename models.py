@@ -117,24 +117,27 @@ def pretrained(load: Callable, name: str, what: str):
         ) from None
 
 
+def quiet_transformers() -> None:
+    """transformers' load reports, resize notices and progress bars off for the run (its errors stay): the checks
+    here say what matters, and stderr keeps the run's own progress bars."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_weights(auto, name: str, **kwargs):
     """`auto.from_pretrained(name)` in float32. A checkpoint that lacks weights of the model its config describes
     (another architecture, a broken save) is an error naming them, never a silently re-initialised model; weights
     it has beyond the model are fine (heads left out: BERT's MLM head, CLIP's image tower)."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # transformers' load report: the error below says what matters
-    try:
-        model, info = pretrained(
-            lambda n: auto.from_pretrained(
-                n, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
-            ),
-            name,
-            "model",
-        )
-    finally:
-        logging.set_verbosity(verbosity)
+    quiet_transformers()
+    model, info = pretrained(
+        lambda n: auto.from_pretrained(
+            n, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
+        ),
+        name,
+        "model",
+    )
     missing = sorted(info["missing_keys"] | {k[0] for k in info["mismatched_keys"]})
     if missing:
         raise LoadError(
@@ -265,8 +268,8 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
 
     from data import InputError, Pixels
 
-    verbosity, tower, missing = transformers.logging.get_verbosity(), None, []
-    transformers.logging.set_verbosity_error()  # what matters is reported here
+    tower, missing = None, []
+    quiet_transformers()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -289,8 +292,6 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise InputError(f"--model.vision {cfg.vision}: cannot load a vision model: {reason}") from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     if processor_only:
         return None, processor
     if not hasattr(tower.config, "patch_size"):
@@ -482,6 +483,7 @@ def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
     model's own sampling defaults (temperature, repetition penalty) are dropped."""
     from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
+    quiet_transformers()
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad)
     if cfg.name is not None:
         lm = load_weights(AutoModelForCausalLM, cfg.name)
