@@ -48,5 +48,6 @@ if [ -n "$missing" ]; then
 fi
 
 out=${OUT:-.}
-set -o pipefail
-"$PY" bench.py --only gpu --json "$out/gpu.json" "$@" 2>&1 | tee "$out/gpu.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.log" || true
+df -h /dev/shm 2>&1 | tail -1 | tee -a "$out/gpu.log" || true  # the loader workers' batches (54 MB each) cross through it
+"$PY" bench.py --only gpu --json "$out/gpu.json" "$@" 2>&1 | tee -a "$out/gpu.log"
