@@ -43,11 +43,12 @@ if [ -n "$missing" ]; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target .bench-site .whl/*.whl
     else
         "$PY" -m pip install -q --target .bench-site $missing \
-            || { echo "bench_gpu.sh: offline? run 'bash bench_gpu.sh wheels' where pip works and bring .whl/" >&2; exit 1; }
+            || { echo "bench_gpu.sh: offline? 'bash bench_gpu.sh wheels' where pip works, bring .whl/" >&2; exit 1; }
     fi
 fi
 
 out=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.log" || true
-df -h /dev/shm 2>&1 | tail -1 | tee -a "$out/gpu.log" || true  # the loader workers' batches (54 MB each) cross through it
+# The loader workers' batches (54 MB each) cross through /dev/shm.
+df -h /dev/shm 2>&1 | tail -1 | tee -a "$out/gpu.log" || true
 "$PY" bench.py --only gpu --json "$out/gpu.json" "$@" 2>&1 | tee -a "$out/gpu.log"
