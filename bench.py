@@ -2,7 +2,9 @@
 path keep up, does evaluation scale over ranks, how fast does it start, how does cost grow with the dataset.
 
     pip install -r requirements.txt -r requirements-bench.txt
-    python bench.py                    # everything (~20 min on a 2-core CPU); --only loop data eval startup pixels
+    python bench.py                    # everything (~25 min on 2 CPU cores); --only startup loop loop-llama
+                                       # data eval pixels gpu
+    bash bench_gpu.sh                  # the gpu section alone, Python and packages set up (see the script)
 
 Every comparison runs in ONE process (or one machine, for subprocesses) with the same thread settings
 (`--threads`, also exported as OMP_NUM_THREADS to subprocesses), the same model and the same batches. Timings are
@@ -12,6 +14,8 @@ as medians of paired ratios, so a machine shared with other work moves both side
 Sections:
   loop     train.py's real loop (train.main, driven in-process) vs a bare loop vs HF Trainer, at real AVSD
            feature sizes; loss after N steps
+  loop-llama  the same with a Llama-family model of about the same cost per step (random init, saved with
+           save_pretrained, loaded with --model.name)
   data     DataLoader batches/s vs training steps/s at real feature sizes (in turns, in one process); peak RSS
            of that process and its workers at 1x and 10x the dataset;
            time per epoch and peak RSS of a real train.py run at 1x, 4x, 16x
@@ -20,9 +24,12 @@ Sections:
   pixels   raw 640x480 JPEGs through a CLIP ViT tower (--model.vision): loader vs training images/s at 224 px;
            train.py with a frozen tower vs a bare loop; the cache command vs a bare model(pixel_values) loop;
            peak RSS of the cache command at 1x and 10x the images
+  gpu      (skipped without a GPU) GPT-2 124M dialogue training on one GPU in bf16, eager and --compile: tokens/s,
+           MFU, peak memory; a bare loop on batches already on the GPU beside it (< 5 min on an H100/H200)
 """
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -110,20 +117,22 @@ class Interleaver:
 class BareLoop:
     """What a user would write by hand: no loader, no logging, no bookkeeping."""
 
-    def __init__(self, model, cfg, total_steps: int):
+    def __init__(self, model, cfg, total_steps: int, fused: bool = False, autocast=None):
         import torch
 
         import train
 
         self.torch, self.model, self.cfg = torch, model, cfg
-        self.optimizer = train.build_optimizer(model, cfg, fused=False)
+        self.autocast = autocast or contextlib.nullcontext()  # train.py's bf16 autocast on a GPU
+        self.optimizer = train.build_optimizer(model, cfg, fused=fused)
         factor = partial(train.lr_factor, cfg=cfg, total_steps=total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         model.train()
 
     def run(self, batches) -> None:
         for batch in batches:
-            loss_sum, count = self.model(batch)
+            with self.autocast:
+                loss_sum, count = self.model(batch)
             (loss_sum / count).backward()
             self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             self.optimizer.step()
@@ -198,32 +207,35 @@ def interleaved_train_main(argv: list[str], work: Path, steps: int):
 
     real_logger, train.Logger = train.Logger, InterleavingLogger
     try:
-        train.main(argv)
+        train_main(argv)
     finally:
         train.Logger = real_logger
     return ours, bare, side
 
 
-def bench_loop(args, work: Path) -> dict:
-    import torch
-
+def bench_loop(args, work: Path, lm: str = "gpt2") -> dict:
+    """`lm`: gpt2, the small GPT-2 train.py builds by default; llama, a Llama-family model of about the same cost
+    per step loaded with --model.name (see save_llama)."""
     steps, window = args.steps, args.window
-    out = work / "ours"
+    out = work / f"ours-{lm}"
     argv = (
         ["dialogue"] if args.loop_data == "embedded" else ["dialogue", "--data.root", str(real_size_root(args, work))]
     )
     argv += ["--max-steps", str(steps), "--log-every", str(window), "--eval-every", str(steps)]
     argv += ["--output-dir", str(out), "--overwrite", "--num-beams", "1", "--no-report-metric"]
     argv += ["--model.dropout", str(args.dropout), "--wandb.mode", "disabled", "--data.cache-dir", str(work / "cache")]
+    if lm == "llama":
+        argv += ["--model.name", str(save_llama(argv, work / "llama"))]
     argv += shlex.split(args.train_flags)
-    ours, bare, (task, datasets, model0, cfg) = interleaved_train_main(argv, work, steps)
-    ours_model = copy.deepcopy(model0)
-    ours_model.load_state_dict(torch.load(out / "ckpt_last.pt", weights_only=True)["model"])
+    ours, bare, (task, datasets, model0, cfg) = interleaved_train_main(argv, work / f"side-{lm}", steps)
+    ours_model = load_trained(copy.deepcopy(model0), out / "ckpt_last.pt")
 
     # HF Trainer, interleaved the same way with a fresh bare loop.
     hf_model, hf = hf_trainer_run(args, cfg, task, datasets, copy.deepcopy(model0), work)
 
     loop = {
+        "lm": lm,
+        "parameters": sum(p.numel() for p in model0.parameters()),
         "steps": steps,
         "window": window,
         "threads": args.threads,
@@ -239,6 +251,48 @@ def bench_loop(args, work: Path) -> dict:
     return loop
 
 
+def train_main(argv: list[str]) -> None:
+    """train.main in this process, its stop-signal handlers (SIGTERM, SIGUSR1: finish the step, save, exit) put back
+    afterwards: the bench itself must still stop on SIGTERM."""
+    import train
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        train.main(argv)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def load_trained(model, path: Path):
+    """`model` with the weights saved at `path` by train.py: lean checkpoints leave out the frozen weights (train.py
+    checks their digest instead), so those, and only those, may be missing."""
+    import torch
+
+    missing, unexpected = model.load_state_dict(torch.load(path, weights_only=True)["model"], strict=False)
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise RuntimeError(f"{path} does not fit: missing {sorted(set(missing) - frozen)}, unexpected {unexpected}")
+    return model
+
+
+def save_llama(argv: list[str], directory: Path) -> Path:
+    """A Llama-family model (random init) at about the default GPT-2's cost per step on CPU: 2 layers, width 160 (at
+    128 a step measured 35% cheaper, side by side), 2 query heads sharing 1 key/value head, SwiGLU MLP 320 wide, 512
+    positions, saved with save_pretrained beside a tokenizer trained on the run's training text with the default's
+    vocabulary size, so that its sequences are as long as GPT-2's (plus Llama's <s>). tests/helpers builds it."""
+    import train
+    from tasks import TASKS
+
+    sys.path.insert(0, str(HERE / "tests"))
+    from helpers import save_lm_family
+
+    name, cfg = train.parse_config(argv)
+    task = TASKS[name][0](cfg)
+    texts = task.training_texts(task.build_datasets()["train"])
+    return save_lm_family("llama", directory, width=160, positions=512, texts=texts, vocab_size=cfg.model.vocab_size)
+
+
 def hf_trainer_run(args, cfg, task, datasets, model, work: Path):
     """The same model, data order (our sampler), optimizer, schedule and clipping through transformers.Trainer."""
     import torch
@@ -252,13 +306,13 @@ def hf_trainer_run(args, cfg, task, datasets, model, work: Path):
     class LossModel(torch.nn.Module):
         """Trainer wants `model(**batch)["loss"]` (a mean); ours returns (summed loss, count)."""
 
+        accepts_loss_kwargs = False  # so Trainer passes no num_items_in_batch and scales the loss as usual
+
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
-        def forward(self, features, input_ids, token_type_ids, attention_mask, is_visual, visual_index, labels, ids):
-            batch = dict(features=features, input_ids=input_ids, token_type_ids=token_type_ids, labels=labels)
-            batch.update(attention_mask=attention_mask, is_visual=is_visual, visual_index=visual_index)
+        def forward(self, **batch):  # whatever the task's collate makes
             loss_sum, count = self.inner(batch)
             return {"loss": loss_sum / count}
 
@@ -688,6 +742,141 @@ def bench_pixels(args, work: Path, env: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 7: one GPU: GPT-2 124M dialogue training, tokens/s and MFU in bf16, eager and --compile
+
+
+def bench_gpu(args, work: Path) -> dict:
+    """train.py (bf16 autocast, fused AdamW, pinned memory) training GPT-2 124M on AVSD-format data at real feature
+    sizes, once eager and once with --compile: tokens/s and MFU as train.py logs them (medians of the windows after
+    the first --gpu-warmup steps, which hold the compilation), peak GPU memory; then a bare loop on batches already
+    on the GPU (the same step without the loader: what the model alone reaches), at the run's batch size and 4x."""
+    import torch
+
+    import train
+
+    # 3200 training samples: 200 steps an epoch, so that the loader's restart at each epoch weighs little (a real
+    # AVSD epoch is ~4800 steps); features generated as the loop's (150-300 frames cut to 200, 4224 floats a frame).
+    features = work / "features-gpu"
+    make_features(features, 324, args.frames)
+    root = make_root(work / "avsd-gpu", features, 320, 4)
+    lm_dir = work / "gpt2-124m"
+    common = ["dialogue", "--data.root", str(root), "--data.num-workers", str(args.gpu_workers), "--no-report-metric"]
+    common += ["--wandb.mode", "disabled", "--num-beams", "1", "--max-len", "5", *shlex.split(args.gpu_flags)]
+    save_gpt2_124m(common, lm_dir)
+    common += ["--model.name", str(lm_dir)]
+    task, datasets, model, cfg = build_side(common, work / "gpu-side")
+    # build_causal_lm only grows the embeddings for added tokens: the small tokenizer leaves GPT-2's 50257 rows.
+    rows = model.lm.get_input_embeddings().num_embeddings
+    if rows != 50257:
+        raise RuntimeError(f"GPT-2 124M has {rows} embedding rows, not 50257")
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "lm_parameters": sum(p.numel() for p in model.lm.parameters()),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch_size": cfg.batch_size,
+        "workers": cfg.data.num_workers,
+        "steps": args.gpu_steps,
+        "warmup_steps": args.gpu_warmup,
+        "peak_bf16_flops": train.peak_bf16_flops(torch.device("cuda")),
+    }
+    for compiled in (False, True):
+        mode = "compile" if compiled else "eager"
+        out = work / f"gpu-{mode}"
+        argv = [*common, "--max-steps", str(args.gpu_steps), "--max-epochs", "1000", "--log-every"]
+        argv += [str(args.gpu_log_every), "--eval-every", str(args.gpu_steps), "--output-dir", str(out), "--overwrite"]
+        argv += ["--compile"] if compiled else []
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            train_main(argv)
+        except (Exception, SystemExit) as e:  # the other mode's figures still count
+            result[f"{mode}_error"] = f"{type(e).__name__}: {e}"[-2000:]
+            print(f"gpu: {mode} run failed: {result[f'{mode}_error']}", file=sys.stderr, flush=True)
+            continue
+        result[f"{mode}_wall_s"] = time.perf_counter() - started
+        result[f"{mode}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        logged = [m for m in logged if "train/tokens_per_s" in m]
+        kept = [m for m in logged if m["step"] > args.gpu_warmup]
+        for key in ("tokens_per_s", "samples_per_s", "mfu"):
+            values = [m[f"train/{key}"] for m in kept if f"train/{key}" in m]
+            result[f"{mode}_{key}"] = median(values) if values else None
+        if kept:
+            result[f"{mode}_tokens_per_sample"] = median(
+                [m["train/tokens_per_s"] / m["train/samples_per_s"] for m in kept]
+            )
+        result[f"{mode}_windows"] = [[m["step"], m["train/tokens_per_s"], m.get("train/mfu")] for m in logged]
+    for scale in (1, 4):
+        try:
+            result.update(gpu_bare(model, task, datasets, cfg, scale))
+        except Exception as e:  # out of memory, say: the runs' figures still count
+            result[f"bare_x{scale}_error"] = f"{type(e).__name__}: {e}"[-2000:]
+            print(f"gpu: bare loop x{scale} failed: {result[f'bare_x{scale}_error']}", file=sys.stderr, flush=True)
+    return result
+
+
+def save_gpt2_124m(argv: list[str], directory: Path) -> Path:
+    """GPT-2 124M as GPT2Config() makes it (12 layers, width 768, 12 heads, 1024 positions, 50257 embeddings), random
+    init, saved with save_pretrained beside a byte-level BPE trained on the run's training text (1000 tokens,
+    GPT-2's <|endoftext|> as bos and eos): nothing is downloaded."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import models
+    import train
+    from tasks import TASKS
+
+    name, cfg = train.parse_config(argv)
+    task = TASKS[name][0](cfg)
+    tokenizer = models.train_tokenizer(task.training_texts(task.build_datasets()["train"]), 1000, ["<|endoftext|>"])
+    tokenizer.bos_token = tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    eos = tokenizer.eos_token_id
+    GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos)).save_pretrained(directory)
+    return directory
+
+
+def gpu_bare(model, task, datasets, cfg, scale: int, batches: int = 6, rounds: int = 5) -> dict:
+    """train.py's step (bf16 autocast, fused AdamW, clipping, schedule) by hand on `batches` batches of `scale` x
+    the run's batch size, moved to the GPU before the clock: tokens/s and MFU of the model alone (no loader)."""
+    import dataclasses
+
+    import torch
+
+    import train
+
+    device = torch.device("cuda")
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * scale)
+    data = itertools.islice(training_batches(task, datasets["train"], cfg), batches)
+    data = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in data]
+    bare = BareLoop(
+        model.to(device), cfg, (rounds + 1) * batches, fused=True, autocast=torch.autocast("cuda", torch.bfloat16)
+    )
+    bare.run(data)  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(rounds):
+        bare.run(data)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    tokens = rounds * sum(b["attention_mask"].sum().item() for b in data)
+    samples = rounds * sum(len(b["ids"]) for b in data)
+    peak = train.peak_bf16_flops(device)
+    flops = train.train_flops_per_token(model, tokens / samples) * tokens / elapsed
+    key = f"bare_b{cfg.batch_size}"
+    del bare, data
+    torch.cuda.empty_cache()
+    return {
+        f"{key}_tokens_per_s": tokens / elapsed,
+        f"{key}_mfu": flops / peak if peak else None,
+        f"{key}_tokens_per_sample": tokens / samples,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def cpu_ratios(r: dict, name: str) -> str:
@@ -699,26 +888,55 @@ def ratio_row(r: dict, name: str) -> str:
     return f"{r[name + '_vs_bare']:.3f} ({low:.2f}-{high:.2f}, {r[name + '_windows']} pairs)"
 
 
+def loop_rows(r: dict, key: str) -> list[tuple[str, str, str]]:
+    p = f"{key} ({r['parameters'] / 1e6:.2f}M {r['lm']})" if "lm" in r else key
+    return [
+        (f"{p}: train.py steps/s", f"{r['ours_steps_per_s']:.2f}", ""),
+        (f"{p}: bare loop steps/s (beside train.py)", f"{r['bare_ours_steps_per_s']:.2f}", ""),
+        (f"{p}: train.py / bare: wall (quartiles of the window pairs)", ratio_row(r, "ours"), ">= 0.97"),
+        (f"{p}: train.py / bare: CPU, main process (+ workers)", cpu_ratios(r, "ours"), ""),
+        (f"{p}: HF Trainer steps/s", f"{r['hf_steps_per_s']:.2f}", ""),
+        (f"{p}: bare loop steps/s (beside HF)", f"{r['bare_hf_steps_per_s']:.2f}", ""),
+        (f"{p}: HF Trainer / bare: wall (quartiles of the window pairs)", ratio_row(r, "hf"), ""),
+        (f"{p}: HF Trainer / bare: CPU, main process (+ workers)", cpu_ratios(r, "hf"), ""),
+        (f"{p}: train.py / HF: wall (CPU + workers)", f"{r['ours_vs_hf']:.3f} ({r['ours_vs_hf_cpu']:.3f})", ">= 1"),
+        (
+            f"{p}: val loss after {r['steps']} steps",
+            " ".join(f"{k} {r['loss_' + k]:.5f}" for k in ("ours", "bare", "hf", "bare_hf")),
+            "equal",
+        ),
+    ]
+
+
+def gpu_rows(r: dict) -> list[tuple[str, str, str]]:
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    p = f"gpu ({r['device']}, GPT-2 {r['lm_parameters'] / 1e6:.1f}M, batch {r['batch_size']})"
+    rows = []
+    for mode in ("eager", "compile"):
+        if f"{mode}_error" in r:
+            rows.append((f"{p}: train.py {mode}", "failed", r[f"{mode}_error"].splitlines()[-1][:80]))
+        elif f"{mode}_tokens_per_s" in r:
+            value = f"{r[f'{mode}_tokens_per_s']:,.0f} tokens/s, MFU {pct(r[f'{mode}_mfu'])}"
+            peak = f"{r[f'{mode}_peak_gib']:.1f} GiB peak, {r.get(f'{mode}_tokens_per_sample', 0):.0f} tokens/sample"
+            rows.append((f"{p}: train.py {mode}", value, peak))
+    for key in [k.removesuffix("_tokens_per_s") for k in r if k.startswith("bare_b") and k.endswith("_tokens_per_s")]:
+        rows.append(
+            (
+                f"{p}: bare loop, no loader, batch {key[6:]}",
+                f"{r[key + '_tokens_per_s']:,.0f} tokens/s, MFU {pct(r[key + '_mfu'])}",
+                "",
+            )
+        )
+    return rows
+
+
 def table(results: dict) -> str:
     rows = []
-    if "loop" in results:
-        r = results["loop"]
-        rows += [
-            ("loop: train.py steps/s", f"{r['ours_steps_per_s']:.2f}", ""),
-            ("loop: bare loop steps/s (beside train.py)", f"{r['bare_ours_steps_per_s']:.2f}", ""),
-            ("loop: train.py / bare: wall (quartiles of the window pairs)", ratio_row(r, "ours"), ">= 0.97"),
-            ("loop: train.py / bare: CPU, main process (+ workers)", cpu_ratios(r, "ours"), ""),
-            ("loop: HF Trainer steps/s", f"{r['hf_steps_per_s']:.2f}", ""),
-            ("loop: bare loop steps/s (beside HF)", f"{r['bare_hf_steps_per_s']:.2f}", ""),
-            ("loop: HF Trainer / bare: wall (quartiles of the window pairs)", ratio_row(r, "hf"), ""),
-            ("loop: HF Trainer / bare: CPU, main process (+ workers)", cpu_ratios(r, "hf"), ""),
-            ("loop: train.py / HF: wall (CPU + workers)", f"{r['ours_vs_hf']:.3f} ({r['ours_vs_hf_cpu']:.3f})", ">= 1"),
-            (
-                f"loop: val loss after {r['steps']} steps",
-                " ".join(f"{k} {r['loss_' + k]:.5f}" for k in ("ours", "bare", "hf", "bare_hf")),
-                "equal",
-            ),
-        ]
+    for key in ("loop", "loop-llama"):
+        if key in results:
+            rows += loop_rows(results[key], key)
     if "data" in results:
         r = results["data"]
         rows += [
@@ -745,6 +963,8 @@ def table(results: dict) -> str:
                 )
             )
         rows.append(("scale: s per extra step from 4x to 16x", f"{r['marginal_s_per_step']:.3f}", "linear"))
+    if "gpu" in results:
+        rows += gpu_rows(results["gpu"])
     if "eval" in results:
         r = results["eval"]
         rows += [
@@ -787,7 +1007,12 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", default=["startup", "loop", "data", "eval", "pixels"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["startup", "loop", "loop-llama", "data", "eval", "pixels", "gpu"],
+        default=["startup", "loop", "loop-llama", "data", "eval", "pixels", "gpu"],
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) everywhere")
     parser.add_argument("--steps", type=int, default=120, help="loop: training steps per contender")
     parser.add_argument(
@@ -814,6 +1039,16 @@ def main() -> None:
     parser.add_argument("--pixel-batch", type=int, default=8, help="pixels: images per batch")
     parser.add_argument("--pixel-steps", type=int, default=40, help="pixels: train.py steps beside the bare loop")
     parser.add_argument("--train-flags", default="", help="loop: extra train.py flags, e.g. --train-flags=--compile")
+    parser.add_argument("--gpu-steps", type=int, default=600, help="gpu: training steps per run (eager, compile)")
+    parser.add_argument("--gpu-log-every", type=int, default=25, help="gpu: steps per logged window")
+    parser.add_argument("--gpu-warmup", type=int, default=100, help="gpu: first steps left out (warm-up, compiling)")
+    parser.add_argument(
+        "--gpu-workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="gpu: DataLoader workers (a batch at real feature sizes is 54 MB: 2 cannot feed a GPU)",
+    )
+    parser.add_argument("--gpu-flags", default="", help="gpu: extra train.py flags, e.g. --gpu-flags='--batch-size 32'")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--loader-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -838,16 +1073,22 @@ def main() -> None:
         sections = {
             "startup": lambda: bench_startup(args, work, env),
             "loop": lambda: bench_loop(args, work),
+            "loop-llama": lambda: bench_loop(args, work, "llama"),
             "data": lambda: bench_data(args, work, env),
             "eval": lambda: bench_eval(args, work, env),
             "pixels": lambda: bench_pixels(args, work, env),
+            "gpu": lambda: bench_gpu(args, work),
         }
         for name in args.only:
+            if name == "gpu" and not torch.cuda.is_available():
+                print("[gpu: skipped] no GPU: torch.cuda.is_available() is False", flush=True)
+                continue
             started = time.perf_counter()
             results[name] = sections[name]()
             scalars = {k: v for k, v in results[name].items() if not k.endswith("_pairs_wall_s")}
             print(f"[{name}: {time.perf_counter() - started:.0f} s] {json.dumps(scalars)}", flush=True)
-    print(f"\n{results['date']}, {results['cpus']} CPUs, {args.threads} thread(s)\n" + table(results))
+    if set(results) - {"date", "cpus"}:
+        print(f"\n{results['date']}, {results['cpus']} CPUs, {args.threads} thread(s)\n" + table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -439,14 +439,24 @@ def peak_bf16_flops(device: torch.device) -> float | None:
 
 
 def train_flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
-    """Training FLOPs per token (PaLM, appendix B): 6 per weight used in a matmul (2 forward, 4 backward), plus
-    attention scores and values, 12 x layers x width x sequence length. Position embeddings are lookups, not
-    matmuls; the feature projection is counted for every token (it only runs on the video positions: a slight
-    overestimate)."""
-    weights = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
-    config = getattr(getattr(model, "lm", model), "config", None)
-    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len if hasattr(config, "hidden_size") else 0
-    return 6 * weights + attention
+    """Training FLOPs per token (PaLM, appendix B), matmuls only: a weight costs 2 FLOPs per token forward, 2 for
+    its input's gradient and 2 for its own gradient. So 6 per trainable weight; 4 per frozen weight that gradients
+    pass through (a frozen LM under a trainable projector); 2 per frozen weight of the visual front end (`vision.*`:
+    nothing before it trains, so it runs forward only). Embedding tables are lookups (no FLOPs) unless tied to the
+    output head (GPT-2's). Attention scores and values: 12 x layers x width x sequence length (forward and backward,
+    from the first config with num_hidden_layers and hidden_size, which every family has or aliases: GPT-2's n_layer
+    and n_embd). The feature projection is counted for every token (it runs on the video positions only)."""
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    matmuls = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding) for p in m.parameters(False)}
+    weights = sum(
+        p.numel() * (6 if p.requires_grad else 2 if name.startswith("vision.") else 4)
+        for name, p in model.named_parameters()
+        if id(p) not in lookups or id(p) in matmuls
+    )
+    configs = (getattr(m, "config", None) for m in model.modules())
+    config = next((c for c in configs if hasattr(c, "num_hidden_layers") and hasattr(c, "hidden_size")), None)
+    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len if config is not None else 0
+    return weights + attention
 
 
 def build_loader(task, dataset, cfg: TaskConfig, rank: int, world: int, train: bool, pin_memory: bool) -> DataLoader:

@@ -78,8 +78,17 @@ LM_TEXT = [
 ]
 
 
-def save_lm_family(family: str, directory: Path, width: int = 32, seed: int = 0) -> Path:
-    """A tiny `family` causal LM and its tokenizer (a BPE trained on LM_TEXT), saved into `directory`."""
+def save_lm_family(
+    family: str,
+    directory: Path,
+    width: int = 32,
+    seed: int = 0,
+    positions: int = 256,
+    texts: list[str] | None = None,
+    vocab_size: int = 300,
+) -> Path:
+    """A tiny `family` causal LM (2 layers) and its tokenizer (a BPE trained on `texts`, default LM_TEXT), saved
+    into `directory`."""
     import torch
     from tokenizers import processors
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
@@ -87,7 +96,7 @@ def save_lm_family(family: str, directory: Path, width: int = 32, seed: int = 0)
     import models
 
     specials, bos, eos, pad, prepend_bos = LM_FAMILIES[family]
-    tokenizer = models.train_tokenizer(LM_TEXT * 3, 300, specials)
+    tokenizer = models.train_tokenizer(texts or LM_TEXT * 3, vocab_size, specials)
     if prepend_bos:
         bos_id = tokenizer.convert_tokens_to_ids(bos)
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
@@ -103,9 +112,9 @@ def save_lm_family(family: str, directory: Path, width: int = 32, seed: int = 0)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    blocks = dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256)
+    blocks = dict(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=positions)
     config = {
-        "gpt2": lambda: GPT2Config(n_embd=width, n_layer=2, n_head=2, n_positions=256, **ids),
+        "gpt2": lambda: GPT2Config(n_embd=width, n_layer=2, n_head=2, n_positions=positions, **ids),
         "llama": lambda: LlamaConfig(num_key_value_heads=1, intermediate_size=2 * width, **blocks, **ids),
         "qwen2": lambda: Qwen2Config(num_key_value_heads=1, intermediate_size=2 * width, **blocks, **ids),
         "opt": lambda: OPTConfig(ffn_dim=2 * width, word_embed_proj_dim=width, **blocks, **ids),

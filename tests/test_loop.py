@@ -73,3 +73,39 @@ def test_worker_batches_equal_the_collate_and_cross_in_one_shared_storage(tmp_pa
 def test_outside_a_worker_a_batch_is_left_as_it_is():
     batch = {"a": torch.arange(3), "b": torch.ones(2, dtype=torch.bool), "ids": ["x"]}
     assert data.share_tensors(batch) is batch
+
+
+def test_training_flops_count_each_matmul_weight_by_what_its_backward_computes():
+    """6 FLOPs per token per trainable weight, 4 per frozen one that gradients pass through, 2 per frozen front-end
+    weight; embedding lookups free unless tied to the output head; attention 12 x layers x width x length."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    class Model(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm, self.vision, self.projector = lm, torch.nn.Linear(4, 8), torch.nn.Linear(4, 8)
+            self.markers = torch.nn.Embedding(3, 8)  # a lookup
+            self.vision.requires_grad_(False)
+
+    torch.manual_seed(0)
+    gpt2 = Model(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2)))
+    gpt2.lm.transformer.h[0].requires_grad_(False)
+    n = {name: p.numel() for name, p in gpt2.named_parameters()}  # the tied head appears once, as wte
+    frozen_block = sum(v for k, v in n.items() if k.startswith("lm.transformer.h.0."))
+    trained = sum(n.values()) - n["lm.transformer.wpe.weight"] - n["markers.weight"] - frozen_block - 40
+    expected = 6 * trained + 4 * frozen_block + 2 * 40 + 12 * 2 * 8 * 10
+    assert train.train_flops_per_token(gpt2, 10) == expected
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        )
+    )
+    n = sum(p.numel() for p in llama.parameters()) - 50 * 8  # the input embedding is a lookup; lm_head is not
+    assert train.train_flops_per_token(llama, 7) == 6 * n + 12 * 3 * 8 * 7
