@@ -704,13 +704,12 @@ def evaluate_split(task, model, datasets, loader, device, autocast, run_dir: Pat
 
 
 def forward_backward(model, task, batches, cfg: TaskConfig, autocast, device: torch.device, signals: list):
-    """One step's --grad-accum micro-batches, forward and backward: their gradients add up. Returns the step's sums
-    over all ranks: loss, loss count, tokens, samples, ranks asked to stop (StepFlags)."""
+    """One step's --grad-accum micro-batches, forward and backward: their gradients add up (all-reduced on the last
+    one only). Returns the step's sums over all ranks: loss, loss count, tokens, samples, ranks asked to stop."""
     stats = torch.zeros(5, device=device)
     distributed = dist.is_initialized()
     for micro in range(cfg.grad_accum):
         batch = to_device(next(batches), device)
-        # Gradients are all-reduced only on the last micro-batch of the step.
         sync = micro == cfg.grad_accum - 1 or not distributed
         if cfg.fsdp:
             model.set_requires_gradient_sync(sync)
@@ -781,11 +780,10 @@ class TrainState:
 
     def train_metrics(self, step: int, steps_per_epoch: int, elapsed: float, peak_flops: float | None) -> dict:
         """The --log-every line from the window, which starts again (`peak_flops`: of one GPU, for train/mfu)."""
-        cfg = self.cfg
         loss_total, count_total, tokens_total, samples_total = self.window.tolist()
         self.window.zero_()
         metrics = {
-            "train/lr": cfg.lr * lr_factor(step, cfg, self.total_steps),
+            "train/lr": self.cfg.lr * lr_factor(step, self.cfg, self.total_steps),
             "train/epoch": step / steps_per_epoch,
             "train/samples_per_s": samples_total / elapsed,
             "train/tokens_per_s": tokens_total / elapsed,
@@ -795,7 +793,7 @@ class TrainState:
         if peak_flops:
             per_token = train_flops_per_token(self.model, tokens_total / max(samples_total, 1))
             metrics["train/mfu"] = per_token * tokens_total / elapsed / (peak_flops * self.world)
-        if cfg.max_grad_norm > 0:
+        if self.cfg.max_grad_norm > 0:
             metrics["train/grad_norm"] = self.grad_norm.item()
         return metrics
 
@@ -808,8 +806,7 @@ class TrainState:
             and math.isfinite(value)
             and (best is None or (value > best if cfg.best_mode == "max" else value < best))
         )
-        if improved:
-            self.best = value
+        self.best = value if improved else best
         rng = [rng_state()]
         if dist.is_initialized():
             rng = [None] * self.world if self.rank == 0 else None
