@@ -477,7 +477,41 @@ def build_loader(task, dataset, cfg: TaskConfig, rank: int, world: int, train: b
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FSDP (--fsdp)
+# Distributed: processes, FSDP (--fsdp)
+
+
+def setup_distributed(cfg: TaskConfig) -> tuple[int, int, torch.device]:
+    """This process's rank, the number of ranks and its device. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without
+    them this is one plain process. A rank that dies makes the others fail at their next collective (at once when its
+    sockets close, else after --dist-timeout), and torchrun stops the rest: the job fails instead of hanging."""
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        timeout = timedelta(seconds=cfg.dist_timeout)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix the new workers
+        # find the dead ones' addresses there and fail to connect.
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    elif cfg.fsdp:
+        raise InputError("--fsdp shards over the ranks torchrun starts: launch with torchrun (--nproc-per-node 1 too)")
+    return rank, world, torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+
+
+def place_model(model, cfg: TaskConfig, device, bf16: bool, ckpt_path: Path | None, ckpt: dict | None, frozen):
+    """`model` on the device, sharded (--fsdp), with the checkpoint's weights; and what trains it: wrapped in DDP (when
+    distributed without --fsdp), compiled (--compile). Generation and checkpoints use `model` itself."""
+    model = model.to(device)
+    if cfg.fsdp:
+        shard_model(model, bf16)
+    if ckpt:
+        load_state(model, ckpt_path, frozen, ckpt)
+    trained = model
+    if dist.is_initialized() and not cfg.fsdp:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, torch.compile(trained) if cfg.compile else trained
 
 
 def shard_model(model: torch.nn.Module, bf16: bool) -> None:
@@ -594,11 +628,15 @@ class StepFlags:
     """Per-step decisions every rank must take together — stop (a SIGTERM/SIGUSR1 reached some rank) and non-finite
     loss — ride on the all-reduced step statistics, so all ranks hold the same values. Reading them on the host would
     cost a sync per step on GPU; instead the flags of step t are copied to the host asynchronously and read once step
-    t+1 has been queued (`read(wait=False)` keeps the newest step pending), or all at once at a sync point."""
+    t+1 has been queued (`read(wait=False)` keeps the newest step pending), or all at once at a sync point. The signals
+    (preemption; SLURM's warning signal) are only noted in `signals`: every rank stops at the same step, saved."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.pending = []  # (step, host tensor, copy-done event)
+        self.signals = []  # the names of the stop signals this rank received
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signal.Signals(signum).name))
 
     def push(self, step: int, flags: torch.Tensor) -> None:
         host = torch.empty(flags.shape, pin_memory=self.cuda)
@@ -608,14 +646,21 @@ class StepFlags:
             event.record()
         self.pending.append((step, host, event))
 
-    def read(self, wait: bool) -> list[tuple[int, list[float]]]:
-        ready = []
+    def read(self, wait: bool, nan_policy: str, rank: int) -> bool:
+        """Whether some rank was asked to stop, by the flags read. A non-finite loss with --nan-policy stop exits 1."""
+        stop = False
         while len(self.pending) > (0 if wait else 1):
             step, host, event = self.pending.pop(0)
             if event is not None:
                 event.synchronize()
-            ready.append((step, host.tolist()))
-        return ready
+            nonfinite, stop_flag = host.tolist()
+            if nonfinite and nan_policy == "stop":
+                why = f"non-finite loss at step {step}: run stopped, nothing after step {step - 1} saved"
+                if rank == 0:
+                    print(f"error: {why} (lower --lr, or --nan-policy skip)", file=sys.stderr, flush=True)
+                sys.exit(1)
+            stop |= stop_flag > 0
+        return stop
 
 
 def inject_fault(step: int, rank: int) -> None:
@@ -632,40 +677,181 @@ def inject_fault(step: int, rank: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Main
+# Training: evaluation, the step, the state a step changes and a checkpoint holds; main
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def evaluate_split(task, model, datasets, loader, device, autocast, run_dir: Path, logger: Logger, rank, split, step):
+    """Every rank generates on its shard; rank 0 scores, writes results/SPLIT_stepN.json, logs; all ranks get the
+    metrics. `model` is the unwrapped one (no DDP, no torch.compile); `loader(dataset, train)`: build_loader's."""
+    from tqdm import tqdm
+
+    model.eval()
+    gather_weights(model, True)
+    started = time.perf_counter()
+    # Rank 0's batches counted on a bar of their own (below training's), gone when the split is done.
+    batches = loader(datasets[split], train=False)
+    batches = tqdm(batches, f"eval {split}", leave=False, disable=rank != 0, dynamic_ncols=True, mininterval=1.0)
+    with autocast:
+        results = task.evaluation(model, batches, partial(to_device, device=device))
+    speed = {f"{split}/samples_per_s": len(results) / (time.perf_counter() - started)}
+    gather_weights(model, False)
+    model.train()
+
+    def score() -> dict[str, float]:
+        (run_dir / "results").mkdir(exist_ok=True)
+        (run_dir / "results" / f"{split}_step{step}.json").write_text(json.dumps(results, indent=1))
+        metrics = task.after_evaluation(results, split)
+        logger.log(step, {f"{split}/{k}": v for k, v in metrics.items()} | speed)
+        logger.table(step, f"{split}/examples", results)
+        print(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        return metrics
+
+    return agree(rank, score)
+
+
+def forward_backward(model, task, batches, cfg: TaskConfig, autocast, device: torch.device, signals: list):
+    """One step's --grad-accum micro-batches, forward and backward: their gradients add up (all-reduced on the last
+    one only). Returns the step's sums over all ranks: loss, loss count, tokens, samples, ranks asked to stop."""
+    stats = torch.zeros(5, device=device)
+    distributed = dist.is_initialized()
+    for micro in range(cfg.grad_accum):
+        batch = to_device(next(batches), device)
+        sync = micro == cfg.grad_accum - 1 or not distributed
+        if cfg.fsdp:
+            model.set_requires_gradient_sync(sync)
+        with nullcontext() if sync or cfg.fsdp else model.no_sync(), autocast:
+            loss_sum, count = task.train_step(model, batch)
+        loss_sum.backward()
+        tokens = batch["attention_mask"].sum() if "attention_mask" in batch else count
+        stats[:3] += torch.stack([loss_sum.detach().float(), count.float(), tokens.float()])
+        stats[3] += len(batch["ids"])  # a Python number: no host-to-device copy (that would wait on the GPU)
+    stats[4] = float(bool(signals))
+    if distributed:
+        dist.all_reduce(stats)
+    return stats
+
+
+class TrainState:
+    """What a training step changes and a checkpoint holds (RESUME_KEYS, and `saved`: task, wandb id, the frozen
+    weights' digest): the optimizer and schedule of `model`'s trained weights, the best --best-metric value, and the
+    window: running sums on the device (loss, count, tokens, samples), read (one host sync) every --log-every steps."""
+
+    def __init__(self, cfg: TaskConfig, model, total_steps: int, device, run_dir: Path, frozen, rank, world, saved):
+        self.optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+        factor = partial(lr_factor, cfg=cfg, total_steps=total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.window = torch.zeros(4, device=device)
+        self.grad_norm = torch.zeros((), device=device)  # logged as is if the first steps all skip (--nan-policy skip)
+        self.cfg, self.model, self.total_steps, self.run_dir, self.frozen = cfg, model, total_steps, run_dir, frozen
+        self.rank, self.world, self.best = rank, world, None
+        self.saved = saved | {"config": config_to_dict(cfg) | {"output_dir": str(run_dir)}}
+
+    def resume(self, path: Path, ckpt: dict) -> int:
+        """All but the weights (place_model loads them) from `ckpt`; returns the step it was saved at."""
+        load_state(self.model, path, self.frozen, ckpt, self.optimizer)
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.best = ckpt["best"]
+        self.window.copy_(ckpt["window"])
+        if len(ckpt["rng"]) == self.world:
+            set_rng_state(ckpt["rng"][self.rank])
+        elif self.rank == 0:
+            print(f"warning: resuming {len(ckpt['rng'])} rank(s) on {self.world}: random draws will differ", flush=True)
+        return ckpt["step"]
+
+    def update(self, stats: torch.Tensor, step: int) -> torch.Tensor:
+        """Step `step` from the accumulated gradients and the step's `stats` (forward_backward); returns whether its
+        loss was non-finite, on the device."""
+        cfg = self.cfg
+        nonfinite = ~torch.isfinite(stats[0])
+        if cfg.nan_policy == "skip" and nonfinite.item():  # decided before the update: a host sync per step
+            if self.rank == 0:
+                print(f"step {step}: non-finite loss, update skipped (--nan-policy skip)", flush=True)
+        else:
+            # Gradients hold sum(loss) (DDP, FSDP: averaged over ranks); make them the mean over the global batch and
+            # clip them in one pass over the gradients, as a bare loop's clip_grad_norm_ does.
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            scale = self.world / stats[1].clamp(min=1)
+            if cfg.max_grad_norm > 0:
+                norm = torch.nn.utils.get_total_norm(grads)
+                if cfg.fsdp:  # a DTensor: FSDP's gradients are shards
+                    norm = norm.full_tensor()
+                self.grad_norm = norm * scale
+                scale = scale * (cfg.max_grad_norm / (self.grad_norm + 1e-6)).clamp(max=1)
+            torch._foreach_mul_(grads, scale)
+            self.optimizer.step()
+            self.window += stats[:4]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return nonfinite
+
+    def train_metrics(self, step: int, steps_per_epoch: int, elapsed: float, peak_flops: float | None) -> dict:
+        """The --log-every line from the window, which starts again (`peak_flops`: of one GPU, for train/mfu)."""
+        loss_total, count_total, tokens_total, samples_total = self.window.tolist()
+        self.window.zero_()
+        metrics = {
+            "train/lr": self.cfg.lr * lr_factor(step, self.cfg, self.total_steps),
+            "train/epoch": step / steps_per_epoch,
+            "train/samples_per_s": samples_total / elapsed,
+            "train/tokens_per_s": tokens_total / elapsed,
+        }
+        if count_total > 0:  # else every step since the last log was skipped (--nan-policy skip)
+            metrics["train/loss"] = loss_total / count_total
+        if peak_flops:
+            per_token = train_flops_per_token(self.model, tokens_total / max(samples_total, 1))
+            metrics["train/mfu"] = per_token * tokens_total / elapsed / (peak_flops * self.world)
+        if self.cfg.max_grad_norm > 0:
+            metrics["train/grad_norm"] = self.grad_norm.item()
+        return metrics
+
+    def save(self, step: int, metrics: dict[str, float]) -> None:
+        """Every rank: the RNG states are gathered to rank 0, which writes the rest to a file, or beside the shards
+        every rank wrote (--fsdp). `metrics`: the evaluation's, empty if none ran."""
+        cfg, best, value = self.cfg, self.best, metrics.get(self.cfg.best_metric)
+        improved = (
+            value is not None
+            and math.isfinite(value)
+            and (best is None or (value > best if cfg.best_mode == "max" else value < best))
+        )
+        self.best = value if improved else best
+        rng = [rng_state()]
+        if dist.is_initialized():
+            rng = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(rng_state(), rng, dst=0)
+        if cfg.fsdp:
+            save_shards(self.model, self.optimizer, self.frozen, self.run_dir / f"ckpt_step{step:08d}.dcp")
+        if self.rank == 0:
+            state = {"scheduler": self.scheduler.state_dict(), "step": step, "best": self.best}
+            state |= {"window": self.window.cpu(), "rng": rng, **self.saved}
+            if not cfg.fsdp:
+                weights = {k: v for k, v in self.model.state_dict().items() if k not in self.frozen}
+                state.update(model=weights, optimizer=self.optimizer.state_dict())
+            save_checkpoint(state, self.run_dir, improved, cfg.keep_last, sharded=cfg.fsdp)
+
+    def load_best(self) -> None:
+        """The best checkpoint's weights, once every rank has saved (none: the last weights stay)."""
+        path = self.run_dir / f"ckpt_best{'.dcp' if self.cfg.fsdp else '.pt'}"
+        if dist.is_initialized():
+            dist.barrier()
+        if path.exists():
+            load_state(self.model, path, self.frozen)
 
 
 def main(argv: list[str]) -> None:
     name, cfg = parse_config(argv)
-
-    # Distributed setup: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one plain process. A rank
-    # that dies makes the others fail at their next collective (at once when its sockets close, else after
-    # --dist-timeout), and torchrun stops the rest: the job fails instead of hanging.
-    distributed = "RANK" in os.environ
-    if distributed:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        timeout = timedelta(seconds=cfg.dist_timeout)
-        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-        # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix the new workers
-        # find the dead ones' addresses there and fail to connect.
-        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if cfg.fsdp and not distributed:
-        raise InputError("--fsdp shards over the ranks torchrun starts: launch with torchrun (--nproc-per-node 1 too)")
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    rank, world, device = setup_distributed(cfg)
     bf16 = device.type == "cuda" and cfg.bf16
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     # --fsdp trains in bf16 by FSDP's policy (shard_model), which casts forward's inputs only: evaluation, which calls
     # other methods (generate, embed_*), keeps autocast.
     train_autocast = nullcontext() if cfg.fsdp else autocast
     peak_flops = peak_bf16_flops(device) if bf16 else None
-
     if cfg.cache_features is not None:
         return cache_features(name, cfg, rank, world, device)
+
     # Every input is read and checked before anything in the run directory is created, replaced or overwritten.
     run_dir = agree(rank, partial(choose_run_dir, name, cfg))
     ckpt_path = find_checkpoint(cfg, run_dir)
@@ -675,14 +861,13 @@ def main(argv: list[str]) -> None:
         raise InputError(f"--evaluate: no checkpoint to evaluate in {run_dir}")
     task = TASKS[name][0](cfg)
     datasets = task.build_datasets()
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     tokenizer_dir = (ckpt_path.parent if ckpt_path else run_dir) / "tokenizer"
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
         model = task.build_model(datasets["train"], tokenizer_dir)
     except LoadError as e:
-        source = (
-            "--model.name" if cfg.config is None or _flag_value(argv, "--model.name") else f"{cfg.config}: model.name"
-        )
+        preset = cfg.config is not None and not _flag_value(argv, "--model.name")  # the name is the --config file's
+        source = f"{cfg.config}: model.name" if preset else "--model.name"
         raise InputError(f"{source} {cfg.model.name}: {e}") from None
     # Frozen parameters are not saved: checkpoints hold their digest, and they must match it on loading.
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
@@ -696,137 +881,32 @@ def main(argv: list[str]) -> None:
     agree(rank, partial(start_run, run_dir, name, cfg))
     if rank == 0 and not (tokenizer_dir / "tokenizer.json").is_file() and hasattr(task, "tokenizer"):
         task.tokenizer.save_pretrained(tokenizer_dir)
-    model = model.to(device)
-    if cfg.fsdp:
-        shard_model(model, bf16)
-    if ckpt:
-        load_state(model, ckpt_path, frozen, ckpt)
-    raw_model = model
-    if distributed and not cfg.fsdp:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:  # training forward/backward only; generation and checkpoints use raw_model
-        model = torch.compile(model)
+
+    raw_model, model = place_model(model, cfg, device, bf16, ckpt_path, ckpt, frozen)
     # From here on each rank draws its own random numbers (dropout): identical masks on every rank would correlate.
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
 
-    def loader(split: str, train: bool) -> DataLoader:
-        return build_loader(task, datasets[split], cfg, rank, world, train, pin_memory=device.type == "cuda")
-
-    def move(batch: dict) -> dict:
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
+    loader = partial(build_loader, task, cfg=cfg, rank=rank, world=world, pin_memory=device.type == "cuda")
     resumed_step = None if cfg.evaluate else ckpt["step"] if ckpt else 0  # training continues after this step
     logger = Logger(cfg, name, run_dir, rank, ckpt.get("wandb_id") if ckpt else None, resumed_step)
-
-    from tqdm import tqdm
-
-    def evaluate(split: str, step: int) -> dict[str, float]:
-        """Every rank generates on its shard; rank 0 scores, writes results, logs; all ranks get the metrics."""
-        raw_model.eval()
-        gather_weights(raw_model, True)
-        started = time.perf_counter()
-        # Rank 0's batches counted on a bar of their own (below training's), gone when the split is done.
-        batches = tqdm(
-            loader(split, train=False),
-            f"eval {split}",
-            leave=False,
-            disable=rank != 0,
-            dynamic_ncols=True,
-            mininterval=1.0,
-        )
-        with autocast:
-            results = task.evaluation(raw_model, batches, move)
-        speed = {f"{split}/samples_per_s": len(results) / (time.perf_counter() - started)}
-        gather_weights(raw_model, False)
-        raw_model.train()
-        metrics = {}
-        if rank == 0:
-            (run_dir / "results").mkdir(exist_ok=True)
-            (run_dir / "results" / f"{split}_step{step}.json").write_text(json.dumps(results, indent=1))
-            metrics = task.after_evaluation(results, split)
-            logger.log(step, {f"{split}/{k}": v for k, v in metrics.items()} | speed)
-            logger.table(step, f"{split}/examples", results)
-            print(f"step {step} {split}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-        if distributed:
-            box = [metrics]
-            dist.broadcast_object_list(box, src=0)
-            metrics = box[0]
-        return metrics
-
+    evaluate = partial(evaluate_split, task, raw_model, datasets, loader, device, autocast, run_dir, logger, rank)
     if cfg.evaluate:
         for split in [s for s in ("val", "test") if s in datasets]:
             evaluate(split, ckpt["step"])
         logger.close()
         return
 
-    # Optimizer, schedule, and where the run stands (fresh or resumed).
-    train_loader = loader("train", train=True)
+    train_loader = loader(datasets["train"], train=True)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise InputError(f"the train split ({len(datasets['train'])} samples) is smaller than one global batch")
     total_steps = min(cfg.max_steps, cfg.max_epochs * steps_per_epoch)
-    optimizer = build_optimizer(raw_model, cfg, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg, total_steps=total_steps))
-    # Running sums on the device, read (one host sync) only every --log-every steps: loss, count, tokens, samples.
-    window = torch.zeros(4, device=device)
-    step, best = 0, None
-    if ckpt:
-        load_state(raw_model, ckpt_path, frozen, ckpt, optimizer)
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, best = ckpt["step"], ckpt["best"]
-        window.copy_(ckpt["window"])
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        elif rank == 0:
-            print(f"warning: resuming {len(ckpt['rng'])} rank(s) on {world}: random draws will differ", flush=True)
-    wandb_id = logger.wandb.id if logger.wandb is not None else None
-
-    def checkpoint(metrics: dict[str, float]) -> None:
-        """Every rank: the RNG states are gathered to rank 0, which saves. `metrics` empty: no evaluation ran."""
-        nonlocal best
-        value = metrics.get(cfg.best_metric)
-        improved = (
-            value is not None
-            and math.isfinite(value)
-            and (best is None or (value > best if cfg.best_mode == "max" else value < best))
-        )
-        if improved:
-            best = value
-        rng = [rng_state()]
-        if distributed:
-            rng = [None] * world if rank == 0 else None
-            dist.gather_object(rng_state(), rng, dst=0)
-        if cfg.fsdp:
-            save_shards(raw_model, optimizer, frozen, run_dir / f"ckpt_step{step:08d}.dcp")
-        if rank == 0:
-            state = {
-                "task": name,
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "best": best,
-                "window": window.cpu(),
-                "rng": rng,
-                "wandb_id": wandb_id,
-                "config": config_to_dict(cfg) | {"output_dir": str(run_dir)},
-                "frozen_sha256": digest,
-            }
-            if not cfg.fsdp:
-                weights = {k: v for k, v in raw_model.state_dict().items() if k not in frozen}
-                state.update(model=weights, optimizer=optimizer.state_dict())
-            save_checkpoint(state, run_dir, improved, cfg.keep_last, sharded=cfg.fsdp)
-
-    # SIGTERM/SIGUSR1 (preemption; SLURM's warning signal) only raise a flag: the step in flight finishes, then every
-    # rank saves and exits 0 at the same step (the flag is all-reduced with the step statistics).
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signal.Signals(signum).name)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
-
+    saved = {"task": name, "wandb_id": getattr(logger.wandb, "id", None), "frozen_sha256": digest}
+    state = TrainState(cfg, raw_model, total_steps, device, run_dir, frozen, rank, world, saved)
+    step = state.resume(ckpt_path, ckpt) if ckpt else 0
+    flags = StepFlags(device)  # from here on a stop signal stops the run at the end of a step
     if rank == 0:
         print(
             f"run dir {run_dir} | {world} rank(s) on {device} | {steps_per_epoch} steps/epoch, "
@@ -835,14 +915,13 @@ def main(argv: list[str]) -> None:
             flush=True,
         )
 
+    from tqdm import tqdm
+
     # Redrawn at most once a second: each redraw is a terminal write, a cost per step when steps are fast.
     progress = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, mininterval=1.0)
     model.train()
     window_start = time.perf_counter()
-    metrics = {}
-    flags = StepFlags(device)
     stopping = False
-    grad_norm = torch.zeros((), device=device)  # logged as is if the first steps are all skipped (--nan-policy skip)
     while step < total_steps and not stopping:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         train_loader.sampler.set_epoch(epoch)
@@ -850,44 +929,9 @@ def main(argv: list[str]) -> None:
         train_loader.generator.manual_seed(cfg.seed + rank + 1000 * epoch)  # worker seeds: a function of the epoch
         batches = iter(train_loader)
         for _ in range(done_in_epoch, steps_per_epoch):
-            # loss sum, loss count, tokens, samples, and this rank's stop flag
-            stats = torch.zeros(5, device=device)
-            for micro in range(cfg.grad_accum):
-                batch = move(next(batches))
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = micro == cfg.grad_accum - 1 or not distributed
-                if cfg.fsdp:
-                    model.set_requires_gradient_sync(sync)
-                with nullcontext() if sync or cfg.fsdp else model.no_sync(), train_autocast:
-                    loss_sum, count = task.train_step(model, batch)
-                loss_sum.backward()
-                tokens = batch["attention_mask"].sum() if "attention_mask" in batch else count
-                stats[:3] += torch.stack([loss_sum.detach().float(), count.float(), tokens.float()])
-                stats[3] += len(batch["ids"])  # a Python number: no host-to-device copy (that would wait on the GPU)
-            stats[4] = float(bool(stop_signal))
-            if distributed:
-                dist.all_reduce(stats)
-            nonfinite = ~torch.isfinite(stats[0])
+            stats = forward_backward(model, task, batches, cfg, train_autocast, device, flags.signals)
             step += 1
-            if cfg.nan_policy == "skip" and nonfinite.item():  # decided before the update: a host sync per step
-                if rank == 0:
-                    print(f"step {step}: non-finite loss, update skipped (--nan-policy skip)", flush=True)
-            else:
-                # Gradients hold sum(loss) (DDP, FSDP: averaged over ranks); make them the mean over the global batch
-                # and clip them in one pass over the gradients, as a bare loop's clip_grad_norm_ does.
-                grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-                scale = world / stats[1].clamp(min=1)
-                if cfg.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.get_total_norm(grads)
-                    if cfg.fsdp:  # a DTensor: FSDP's gradients are shards
-                        grad_norm = grad_norm.full_tensor()
-                    grad_norm = grad_norm * scale
-                    scale = scale * (cfg.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1)
-                torch._foreach_mul_(grads, scale)
-                optimizer.step()
-                window += stats[:4]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            nonfinite = state.update(stats, step)
             progress.update()
 
             log_now = step % cfg.log_every == 0 or step == total_steps
@@ -895,64 +939,29 @@ def main(argv: list[str]) -> None:
             eval_now = end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps
             save_now = eval_now or (cfg.save_every and step % cfg.save_every == 0)
             flags.push(step, torch.stack([nonfinite.float(), stats[4]]))
-            for flagged_step, (flag_nonfinite, flag_stop) in flags.read(wait=log_now or save_now):
-                if flag_nonfinite and cfg.nan_policy == "stop":
-                    if rank == 0:
-                        print(
-                            f"error: non-finite loss at step {flagged_step}: run stopped, nothing after step "
-                            f"{flagged_step - 1} saved (lower --lr, or --nan-policy skip)",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                    sys.exit(1)
-                stopping |= flag_stop > 0
-
+            stopping |= flags.read(wait=log_now or save_now, nan_policy=cfg.nan_policy, rank=rank)
             if log_now:
-                loss_total, count_total, tokens_total, samples_total = window.tolist()
-                elapsed = time.perf_counter() - window_start
-                metrics = {
-                    "train/lr": cfg.lr * lr_factor(step, cfg, total_steps),
-                    "train/epoch": step / steps_per_epoch,
-                    "train/samples_per_s": samples_total / elapsed,
-                    "train/tokens_per_s": tokens_total / elapsed,
-                }
-                if count_total > 0:  # else every step since the last log was skipped (--nan-policy skip)
-                    metrics["train/loss"] = loss_total / count_total
+                metrics = state.train_metrics(step, steps_per_epoch, time.perf_counter() - window_start, peak_flops)
+                if "train/loss" in metrics:
                     progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
-                if peak_flops:
-                    per_token = train_flops_per_token(raw_model, tokens_total / max(samples_total, 1))
-                    metrics["train/mfu"] = per_token * tokens_total / elapsed / (peak_flops * world)
-                if cfg.max_grad_norm > 0:
-                    metrics["train/grad_norm"] = grad_norm.item()
                 logger.log(step, metrics)
-                window.zero_()
                 window_start = time.perf_counter()
             if eval_now:
-                checkpoint(evaluate("val", step))
+                state.save(step, evaluate("val", step))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             elif save_now or stopping:
-                checkpoint({})
+                state.save(step, {})
             inject_fault(step, rank)
             if step == total_steps or stopping:
                 break
     progress.close()
     if stopping:
+        by = flags.signals[0] if flags.signals else "a signal to another rank"
+        how = f"continue with --resume auto --output-dir {run_dir}"
         if rank == 0:
-            print(
-                f"stopped by {stop_signal[0] if stop_signal else 'a signal to another rank'} after step {step}; "
-                f"checkpoint saved: continue with --resume auto --output-dir {run_dir}",
-                flush=True,
-            )
-        logger.close()
-        return
-
-    # The test split is scored with the best checkpoint's weights (the last ones if no metric ever improved).
-    if "test" in datasets:
-        best_path = run_dir / f"ckpt_best{'.dcp' if cfg.fsdp else '.pt'}"
-        if distributed:
-            dist.barrier()
-        if best_path.exists():
-            load_state(raw_model, best_path, frozen)
+            print(f"stopped by {by} after step {step}; checkpoint saved: {how}", flush=True)
+    elif "test" in datasets:
+        state.load_best()  # test scores are the best checkpoint's (the last one's if no metric ever improved)
         evaluate("test", step)
     logger.close()
 
@@ -966,7 +975,7 @@ if __name__ == "__main__":
         sys.exit(2)
     finally:
         if dist.is_initialized():
-            # DDP's reducer (kept alive by reference cycles through main's closures) holds gloo work; freed during
-            # interpreter teardown instead, it aborts the process ("terminate called without an active exception").
+            # DDP's reducer (kept alive by reference cycles) holds gloo work; freed during interpreter teardown
+            # instead, it aborts the process ("terminate called without an active exception").
             gc.collect()
             dist.destroy_process_group()
