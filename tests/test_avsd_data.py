@@ -144,3 +144,31 @@ def test_resumable_sampler_skips_exactly_the_seen_indices():
 def test_pad_left_and_right():
     assert data.pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
     assert data.pad([[1, 2], [3]], 0, left=True).tolist() == [[1, 2], [0, 3]]
+
+
+def test_embedded_features_look_like_real_ones(tmp_path):
+    """What the recipe is tested against (data.py): I3D streams are non-negative averages of post-ReLU activations
+    with a large shared mean and a per-video offset, the attributes the questions ask about a small part of the
+    variance; VGGish is quantised to 0..255 as released."""
+    data.make_embedded_avsd(tmp_path)
+    dialogs = json.loads((tmp_path / "annotations" / "train.json").read_text())["dialogs"]
+    videos = [np.load(tmp_path / "features" / "i3d_rgb" / f"{d['image_id']}.npy") for d in dialogs]
+    frames = np.concatenate(videos)
+    assert frames.min() >= 0 and 0.3 < frames.mean() < 0.5 and 0.05 < (frames < 0.01).mean() < 0.2
+    mean = frames.mean(0)
+    variance = ((frames - mean) ** 2).sum(1).mean()
+    assert (mean**2).sum() > 1.5 * variance  # two random frames point the same way (cosine ~0.7)
+
+    def share(groups: list) -> float:
+        """Part of the variance that is between the groups' means (per frame)."""
+        by_group = {g: np.concatenate([v for v, h in zip(videos, groups, strict=True) if h == g]) for g in set(groups)}
+        return sum(len(f) * ((f.mean(0) - mean) ** 2).sum() for f in by_group.values()) / len(frames) / variance
+
+    assert 0.6 < share(list(range(len(videos)))) < 0.9  # a per-video offset, shared by its frames
+    colors = [
+        next(c for c in data._ATTRIBUTES["color"][1] for t in d["dialog"] if f"is {c}." in t["answer"]) for d in dialogs
+    ]
+    assert 0.01 < share(colors) < 0.1  # what a question asks about: a small part of the variance
+    vggish = np.concatenate([np.load(p) for p in (tmp_path / "features" / "vggish").glob("train*.npy")])
+    assert vggish.min() >= 0 and vggish.max() <= 255 and (vggish == np.round(vggish)).all()
+    assert 110 < vggish.mean() < 145
