@@ -146,6 +146,27 @@ class FeatureDataset(Dataset):
         sample = self.samples[index]
         return {**sample, "features": self.features.load(self.remap[sample[self.key]])}
 
+    def feature_stats(self, max_ids: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and standard deviation over every frame of up to `max_ids` of the split's videos (or
+        images), evenly spaced over the sorted ids: the same on every rank, and a dataset of any size costs at most
+        `max_ids` feature files. A dimension that hardly varies (a dead unit) gets a floor of 1% of the typical
+        deviation (and at least 1e-6: a constant dimension becomes 0), so normalising it does not blow its
+        rounding noise up to the size of real signal."""
+        ids = sorted(self.remap)
+        ids = ids[:: math.ceil(len(ids) / max_ids)]
+        total = np.zeros(self.features.dim)
+        squares = np.zeros(self.features.dim)
+        count = 0
+        for feature_id in ids:
+            frames = self.features.load(feature_id).astype(np.float64)
+            total += frames.sum(0)
+            squares += (frames * frames).sum(0)
+            count += len(frames)
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean * mean, 0))
+        std = np.maximum(std, max(0.01 * std.mean(), 1e-6))
+        return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # AVSD (DSTC7): ROOT/annotations/{split}.json + ROOT/features/{i3d_flow,i3d_rgb,vggish}/{image_id}.npy

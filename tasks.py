@@ -192,10 +192,12 @@ class BaseTask:
         raise NotImplementedError
 
     def build_vision(self, train_set: Dataset) -> nn.Module:
-        """The visual front end the model reads through (see models.FeatureInput): the dataset's features."""
+        """The visual front end the model reads through (see models.FeatureInput): the dataset's features,
+        standardised with the training split's statistics unless --model.no-feature-norm."""
         import models
 
-        return models.FeatureInput(train_set.features.dim)
+        stats = train_set.feature_stats() if self.cfg.model.feature_norm else None
+        return models.FeatureInput(train_set.features.dim, stats)
 
     def visual_len(self, sample: dict) -> int:
         """How many visual tokens the front end makes of this sample (positions in a packed sequence)."""

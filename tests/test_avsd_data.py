@@ -172,3 +172,21 @@ def test_embedded_features_look_like_real_ones(tmp_path):
     vggish = np.concatenate([np.load(p) for p in (tmp_path / "features" / "vggish").glob("train*.npy")])
     assert vggish.min() >= 0 and vggish.max() <= 255 and (vggish == np.round(vggish)).all()
     assert 110 < vggish.mean() < 145
+
+
+def test_feature_stats_are_the_training_split_mean_and_std(tmp_path):
+    """Every frame of every id (up to max_ids, evenly spaced over the sorted ids); constant dimensions get a floor."""
+    features = {f"v{i}": np.random.default_rng(i).random((3 + i, 6)).astype(np.float32) for i in range(5)}
+    (tmp_path / "s").mkdir()
+    for name, frames in features.items():
+        frames[:, 5] = 2.0  # a dead unit
+        np.save(tmp_path / "s" / f"{name}.npy", frames)
+    store = data.FeatureStore(tmp_path, {"s": 6}, max_len=100)
+    dataset = data.FeatureDataset([{"id": n, "image_id": n} for n in features], store, "image_id")
+    mean, std = dataset.feature_stats()
+    every = np.concatenate(list(features.values()))
+    np.testing.assert_allclose(mean.numpy(), every.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std[:5].numpy(), every.std(0)[:5], rtol=1e-4)
+    assert std[5] == pytest.approx(0.01 * every.std(0)[:5].sum() / 6, rel=1e-4)
+    mean, _ = dataset.feature_stats(max_ids=2)  # ids v0, v3
+    np.testing.assert_allclose(mean.numpy(), np.concatenate([features["v0"], features["v3"]]).mean(0), rtol=1e-5)

@@ -45,8 +45,10 @@ def test_a_train_py_step_is_the_textbook_step(tmp_path):
     assert min(norms) > cfg.max_grad_norm  # clipping was active on every step
     assert logged == pytest.approx(norms, rel=1e-4)
     ours = torch.load(run_dir / "ckpt_last.pt", weights_only=True)["model"]
+    # atol: the attention's key bias has no gradient (softmax is shift-invariant) but float rounding, ~1e-7, which
+    # Adam scales up to updates of ~lr (~5e-6 here), differently rounded in the two loops.
     for key, value in model.state_dict().items():
-        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("for_training", [True, False])
