@@ -149,19 +149,23 @@ class FeatureDataset(Dataset):
     def feature_stats(self, max_ids: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and standard deviation over every frame of up to `max_ids` of the split's videos (or
         images), evenly spaced over the sorted ids: the same on every rank, and a dataset of any size costs at most
-        `max_ids` feature files. A dimension that hardly varies (a dead unit) gets a floor of 1% of the typical
-        deviation (and at least 1e-6: a constant dimension becomes 0), so normalising it does not blow its
-        rounding noise up to the size of real signal."""
+        `max_ids` feature files. Non-finite values are left out (a broken file must not turn every feature into
+        NaN; its own samples still do, for --nan-policy to deal with). A dimension that hardly varies (a dead unit)
+        gets a floor of 1% of the typical deviation (and at least 1e-6: a constant dimension becomes 0), so
+        normalising it does not blow its rounding noise up to the size of real signal."""
         ids = sorted(self.remap)
         ids = ids[:: math.ceil(len(ids) / max_ids)]
         total = np.zeros(self.features.dim)
         squares = np.zeros(self.features.dim)
-        count = 0
+        count = np.zeros(self.features.dim)
         for feature_id in ids:
             frames = self.features.load(feature_id).astype(np.float64)
+            finite = np.isfinite(frames)
+            frames[~finite] = 0
             total += frames.sum(0)
             squares += (frames * frames).sum(0)
-            count += len(frames)
+            count += finite.sum(0)
+        count = np.maximum(count, 1)
         mean = total / count
         std = np.sqrt(np.maximum(squares / count - mean * mean, 0))
         std = np.maximum(std, max(0.01 * std.mean(), 1e-6))

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import data
 from data import InputError
@@ -188,5 +189,10 @@ def test_feature_stats_are_the_training_split_mean_and_std(tmp_path):
     np.testing.assert_allclose(mean.numpy(), every.mean(0), rtol=1e-5)
     np.testing.assert_allclose(std[:5].numpy(), every.std(0)[:5], rtol=1e-4)
     assert std[5] == pytest.approx(0.01 * every.std(0)[:5].sum() / 6, rel=1e-4)
-    mean, _ = dataset.feature_stats(max_ids=2)  # ids v0, v3
-    np.testing.assert_allclose(mean.numpy(), np.concatenate([features["v0"], features["v3"]]).mean(0), rtol=1e-5)
+    broken = features["v4"].copy()
+    broken[1, :3] = [np.nan, np.inf, -np.inf]
+    np.save(tmp_path / "s" / "v4.npy", broken)
+    with_broken, _ = dataset.feature_stats()
+    assert torch.isfinite(with_broken).all() and with_broken[3] == mean[3]
+    subset, _ = dataset.feature_stats(max_ids=2)  # ids v0, v3
+    np.testing.assert_allclose(subset.numpy(), np.concatenate([features["v0"], features["v3"]]).mean(0), rtol=1e-5)

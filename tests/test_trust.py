@@ -17,6 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import comparable_weights
 
 import data
 
@@ -144,8 +145,9 @@ def test_two_ranks_and_grad_accum_match_one_process(env, reference):
     assert max_loss_diff(one, ddp) < 1e-5
     assert max_loss_diff(one, accum) < 1e-5
     for other in (ddp, accum):
-        for a, b in zip(weights(one).values(), weights(other).values(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        ours, theirs = comparable_weights(weights(one)), comparable_weights(weights(other))
+        for a, b in zip(ours.values(), theirs.values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
 def test_sigkill_then_resume_auto_is_exact_and_continues_the_wandb_run(env, reference):
