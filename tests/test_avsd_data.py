@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import data
 from data import InputError
@@ -199,3 +200,54 @@ def test_resumable_sampler_skips_exactly_the_seen_indices():
 def test_pad_left_and_right():
     assert data.pad([[1, 2], [3]], 0).tolist() == [[1, 2], [3, 0]]
     assert data.pad([[1, 2], [3]], 0, left=True).tolist() == [[1, 2], [0, 3]]
+
+
+def test_embedded_features_look_like_real_ones(tmp_path):
+    """What the recipe is tested against (data.py): I3D streams are non-negative averages of post-ReLU activations
+    with a large shared mean and a per-video offset, the attributes the questions ask about a small part of the
+    variance; VGGish is quantised to 0..255 as released."""
+    data.make_embedded_avsd(tmp_path)
+    dialogs = json.loads((tmp_path / "annotations" / "train.json").read_text())["dialogs"]
+    videos = [np.load(tmp_path / "features" / "i3d_rgb" / f"{d['image_id']}.npy") for d in dialogs]
+    frames = np.concatenate(videos)
+    assert frames.min() >= 0 and 0.3 < frames.mean() < 0.5 and 0.05 < (frames < 0.01).mean() < 0.2
+    mean = frames.mean(0)
+    variance = ((frames - mean) ** 2).sum(1).mean()
+    assert (mean**2).sum() > 1.5 * variance  # two random frames point the same way (cosine ~0.7)
+
+    def share(groups: list) -> float:
+        """Part of the variance that is between the groups' means (per frame)."""
+        by_group = {g: np.concatenate([v for v, h in zip(videos, groups, strict=True) if h == g]) for g in set(groups)}
+        return sum(len(f) * ((f.mean(0) - mean) ** 2).sum() for f in by_group.values()) / len(frames) / variance
+
+    assert 0.6 < share(list(range(len(videos)))) < 0.9  # a per-video offset, shared by its frames
+    colors = [
+        next(c for c in data._ATTRIBUTES["color"][1] for t in d["dialog"] if f"is {c}." in t["answer"]) for d in dialogs
+    ]
+    assert 0.01 < share(colors) < 0.1  # what a question asks about: a small part of the variance
+    vggish = np.concatenate([np.load(p) for p in (tmp_path / "features" / "vggish").glob("train*.npy")])
+    assert vggish.min() >= 0 and vggish.max() <= 255 and (vggish == np.round(vggish)).all()
+    assert 110 < vggish.mean() < 145
+
+
+def test_feature_stats_are_the_training_split_mean_and_std(tmp_path):
+    """Every frame of every id (up to max_ids, evenly spaced over the sorted ids); constant dimensions get a floor."""
+    features = {f"v{i}": np.random.default_rng(i).random((3 + i, 6)).astype(np.float32) for i in range(5)}
+    (tmp_path / "s").mkdir()
+    for name, frames in features.items():
+        frames[:, 5] = 2.0  # a dead unit
+        np.save(tmp_path / "s" / f"{name}.npy", frames)
+    store = data.FeatureStore(tmp_path, {"s": 6}, max_len=100)
+    dataset = data.FeatureDataset([{"id": n, "image_id": n} for n in features], store, "image_id")
+    mean, std = dataset.feature_stats()
+    every = np.concatenate(list(features.values()))
+    np.testing.assert_allclose(mean.numpy(), every.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std[:5].numpy(), every.std(0)[:5], rtol=1e-4)
+    assert std[5] == pytest.approx(0.01 * every.std(0)[:5].sum() / 6, rel=1e-4)
+    broken = features["v4"].copy()
+    broken[1, :3] = [np.nan, np.inf, -np.inf]
+    np.save(tmp_path / "s" / "v4.npy", broken)
+    with_broken, _ = dataset.feature_stats()
+    assert torch.isfinite(with_broken).all() and with_broken[3] == mean[3]
+    subset, _ = dataset.feature_stats(max_ids=2)  # ids v0, v3
+    np.testing.assert_allclose(subset.numpy(), np.concatenate([features["v0"], features["v3"]]).mean(0), rtol=1e-5)

@@ -160,6 +160,22 @@ def test_metrics_on_hand_checkable_captions():
         assert 0 < metrics["METEOR"] < 1
 
 
+def test_embedded_image_features_look_like_clip_ones(tmp_path):
+    """The embedded image features (captioning, VQA, retrieval, SNLI-VE) as a CLIP ViT-B's last layer gives them:
+    anisotropic (a large shared mean, so two images point the same way), a few outlier dimensions far larger than
+    the rest, and patch tokens that share the pooled token's content."""
+    data.make_embedded_captions(tmp_path)
+    tokens = np.stack([np.load(p) for p in sorted((tmp_path / "features").glob("train*.npy"))])
+    pooled = tokens[:, 0]
+    unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    cosine = unit @ unit.T
+    assert cosine[np.triu_indices(len(unit), 1)].mean() > 0.5
+    magnitude = np.abs(pooled.mean(0))
+    assert np.sort(magnitude)[-3] > 10 * np.median(magnitude)
+    deviation, patches = pooled - pooled.mean(0), tokens[:, 1] - tokens[:, 1].mean(0)
+    assert np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(deviation, patches, strict=True)]) > 0.3
+
+
 def last_metrics(run_dir: Path, key: str) -> float:
     values = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [v[key] for v in values if key in v][-1]
@@ -167,14 +183,14 @@ def last_metrics(run_dir: Path, key: str) -> float:
 
 @pytest.mark.slow
 def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path, monkeypatch):
-    """A short CPU run on the embedded data lifts CIDEr far above an untrained model's; the same checkpoint scores
-    far lower when every image gets another image's features. To keep it short, the embedded test split is left out
-    and the scorer runs its Java-free path (Python tokenizer, no METEOR; each JVM start costs seconds): the Java path
-    is covered by test_metrics_on_hand_checkable_captions."""
+    """A short CPU run on realistic data generated here with another seed than the embedded one lifts CIDEr far
+    above an untrained model's; the same checkpoint scores far lower when every image gets another image's features.
+    To keep it short, the test split is left out and the scorer runs its Java-free path (Python tokenizer, no
+    METEOR; each JVM start costs seconds): the Java path is covered by test_metrics_on_hand_checkable_captions."""
     monkeypatch.setattr(shutil, "which", lambda name: None)
     torch.set_num_threads(1)
     root = tmp_path / "data"
-    data.make_embedded_captions(root)
+    data.make_embedded_captions(root, seed=1)
     (root / "annotations" / "test.json").unlink()
     common = ["captioning", "--data.root", str(root), "--num-beams", "3", "--data.num-workers", "0"]
     train.main([*common, "--max-steps", "1", "--output-dir", str(tmp_path / "untrained")])
@@ -188,8 +204,8 @@ def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path, monkeypatch
     )
     shuffled = last_metrics(tmp_path / "s", "val/CIDEr")
     print(f"CIDEr untrained {before:.3f} trained {after:.3f} shuffled features {shuffled:.3f}")
-    assert before < 0.5 and after > 3.0, (before, after)
-    assert shuffled < after / 2, (shuffled, after)
+    assert before < 0.5 and after > 5.0, (before, after)  # measured: 0.01, 7.64
+    assert shuffled < after / 2, (shuffled, after)  # measured: 0.78
     shutil.rmtree(tmp_path / "data")
 
 

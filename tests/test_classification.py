@@ -119,6 +119,8 @@ def test_learns_and_needs_the_right_features(tmp_path):
     )
     val = [m for m in read_metrics(run) if "val/accuracy" in m]
     after = max(m["val/accuracy"] for m in val)
+    # Measured 80.0. Reading the thing off the image alone gives 66.7 (neutral right, entailment and contradiction at
+    # chance); with realistic features the colour comparison comes later (100% after 350 steps of a 500-step run).
     assert before["accuracy"] < 45 and after > 65, (before, val)
     ablated = shuffled_val_metric("classification", run, tmp_path / "shuffled", "val/accuracy", "--data.num-workers", 0)
     assert ablated < 50, ablated

@@ -10,6 +10,7 @@ import torch
 from helpers import save_lm_family
 from test_avsd_data import multiref_dialog, ten_turn_dialog, write_avsd
 
+import models
 import tasks
 from models import ModelConfig
 
@@ -20,7 +21,8 @@ def built(tmp_path_factory):
     cfg = dataclasses.replace(
         tasks.TASKS["dialogue"][1],
         data=tasks.DataConfig(root=root),
-        model=ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=300, dropout=0.0),
+        # The features are constant (ones): standardised, they would all be 0.
+        model=ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=300, dropout=0.0, feature_norm=False),
     )
     task = tasks.DialogueTask(cfg)
     datasets = task.build_datasets()
@@ -159,3 +161,38 @@ def test_caption_metrics_without_java_fall_back_and_say_so(monkeypatch, capsys):
     metrics = tasks.caption_metrics({"1": "A man, cooking!"}, {"1": ["a man cooking"]})
     assert "METEOR" not in metrics and metrics["Bleu_1"] == pytest.approx(1.0)
     assert "java not found" in capsys.readouterr().err
+
+
+def test_feature_norm_standardises_with_training_statistics_that_checkpoints_carry(tmp_path):
+    """--model.feature-norm (the default): the front end standardises each feature dimension with the training
+    split's mean and std, kept as buffers, so a checkpoint carries them (a resumed or evaluated run uses the
+    statistics it trained with, whatever data it is built on). --model.no-feature-norm: features as they are."""
+    root = write_avsd(tmp_path / "data", [ten_turn_dialog("a"), ten_turn_dialog("b")])
+    rng = np.random.default_rng(0)
+    for path in (root / "features").glob("*/*.npy"):
+        shape = np.load(path).shape
+        np.save(path, (10 + rng.uniform(0.5, 5, shape[1]) * rng.random(shape)).astype(np.float32))
+
+    def build(feature_norm: bool):
+        model_cfg = ModelConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=300, feature_norm=feature_norm)
+        task = tasks.DialogueTask(
+            dataclasses.replace(tasks.DialogueConfig(), data=tasks.DataConfig(root=root), model=model_cfg)
+        )
+        datasets = task.build_datasets()
+        model = task.build_model(datasets["train"], tmp_path / f"tokenizer-{feature_norm}")
+        return task, task.collate([datasets["train"][0], datasets["train"][10]], train=True), model  # videos a, b
+
+    _, batch, model = build(True)
+    tokens, mask = model.vision(batch)
+    frames = tokens[mask]  # every frame of both training videos once
+    torch.testing.assert_close(frames.mean(0), torch.zeros(frames.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(frames.std(0, correction=0), torch.ones(frames.shape[1]), atol=1e-3, rtol=0)
+    state = model.state_dict()
+    assert {"vision.mean", "vision.std"} <= set(state)
+    other = models.FeatureInput(model.vision.dim, (torch.zeros(model.vision.dim), torch.ones(model.vision.dim)))
+    other.load_state_dict({"mean": state["vision.mean"], "std": state["vision.std"]})
+    torch.testing.assert_close(other(batch)[0], tokens)
+
+    _, batch, model = build(False)
+    assert not any(k.startswith("vision.") for k in model.state_dict())
+    assert model.vision(batch)[0] is batch["features"]

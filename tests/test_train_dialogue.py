@@ -1,11 +1,14 @@
-"""End-to-end runs of train.py: one process, torchrun with 2 ranks, and a learning test on the embedded data."""
+"""End-to-end runs of train.py: one process, torchrun with 2 ranks, and a learning test on realistic data."""
 
 import json
 import os
 
+import pytest
 import torch
 from conftest import run_train
 from helpers import read_metrics, shuffled_val_metric, train_ok
+
+import data
 
 SMALL = [
     "--model.n-layer",
@@ -90,34 +93,24 @@ def test_torchrun_two_ranks_train_evaluate_and_checkpoint(tmp_path):
     check_run_dir(tmp_path / "run", steps=12)
 
 
-def test_learns_on_embedded_data_and_relies_on_the_video(tmp_path):
-    """A short CPU run clearly raises CIDEr over the untrained model; the same checkpoint with features shuffled
-    across dialogs scores far lower, so the model reads the answers off the video, not off the text.
-    (Question-only context: with caption and history the small model needs a few times more steps before it starts
-    reading the video.)"""
-    args = [
-        "--num-beams",
-        "2",
-        "--max-turns",
-        "0",
-        "--no-use-caption",
-        "--data.num-workers",
-        "1",
-        "--log-every",
-        "50",
-        "--lr",
-        "3e-3",
-    ]
+@pytest.mark.slow
+def test_default_recipe_reads_the_video_of_another_realistic_set(tmp_path):
+    """The default recipe (caption, 3 turns of history, lr, dropout, feature normalisation; only the beam width and
+    the evaluation schedule changed, for time) for 5 epochs on a realistic AVSD generated here with another seed than
+    the embedded one. CIDEr (the mean of val and test, 80 dialogs) is far above the untrained model's (~0), and the
+    same checkpoint scores far lower with the features shuffled across dialogs: the answers come from the video."""
+    root = tmp_path / "avsd"
+    data.make_embedded_avsd(root, seed=1)
+    args = ["--data.root", root, "--num-beams", "2", "--data.num-workers", "1", "--log-every", "50"]
 
-    def val_cider(run_dir):
-        return [e["val/CIDEr"] for e in read_metrics(run_dir) if "val/CIDEr" in e]
+    def cider(run_dir):
+        (val,) = [e["val/CIDEr"] for e in read_metrics(run_dir) if "val/CIDEr" in e]
+        (test,) = [e["test/CIDEr"] for e in read_metrics(run_dir) if "test/CIDEr" in e]
+        return (val + test) / 2
 
-    train_ok(["dialogue", "--max-steps", "1", "--output-dir", tmp_path / "untrained", *args])
-    untrained = val_cider(tmp_path / "untrained")[-1]
-
-    train_ok(["dialogue", "--max-steps", "480", "--eval-every", "240", "--output-dir", tmp_path / "run", *args])
-    trained = max(val_cider(tmp_path / "run"))
-    assert trained > 3.5 and trained > untrained + 3.0, (untrained, trained)
-
-    shuffled = shuffled_val_metric("dialogue", tmp_path / "run", tmp_path / "shuffled", "val/CIDEr", *args)
-    assert shuffled < 0.7 * trained, (shuffled, trained)
+    # 5 epochs of 150 steps (batch 16), evaluated once, at the end.
+    train_ok(["dialogue", "--max-epochs", "5", "--eval-every", "750", "--output-dir", tmp_path / "run", *args])
+    shuffled_val_metric("dialogue", tmp_path / "run", tmp_path / "shuffled", "val/CIDEr", *args)
+    trained, shuffled = cider(tmp_path / "run"), cider(tmp_path / "shuffled")
+    print(f"dialogue CIDEr (val and test): trained {trained:.2f}, shuffled features {shuffled:.2f}")
+    assert trained > 4.0 and shuffled < trained - 1.0, (trained, shuffled)  # measured: 4.63, 3.03

@@ -17,6 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import comparable_weights
 
 import data
 
@@ -30,6 +31,7 @@ EXACT = ["--model.dropout", "0", "--max-steps", "6"]
 THROUGHPUT = ("train/samples_per_s", "train/tokens_per_s", "train/mfu", "val/samples_per_s", "test/samples_per_s")
 pytestmark = pytest.mark.slow  # real training runs, many under torchrun (~2-3 min on 2 cores)
 WORKERS = ["--data.num-workers", "2"]  # where the data position and worker seeding matter: resume
+DROPOUT = ["--model.dropout", "0.1"]  # (the default is 0) where restoring every rank's RNG state matters: resume
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ def reference(env):
         if name not in made:
             out = env["base"] / f"ref-{name}"
             if name == "one":
-                run(env, out, "--batch-size", "8", "--max-steps", "20", "--save-every", "5", *WORKERS)
+                run(env, out, "--batch-size", "8", "--max-steps", "20", "--save-every", "5", *WORKERS, *DROPOUT)
             elif name == "b8":
                 run(env, out, "--batch-size", "8", *EXACT)
             elif name == "ddp":
@@ -143,8 +145,9 @@ def test_two_ranks_and_grad_accum_match_one_process(env, reference):
     assert max_loss_diff(one, ddp) < 1e-5
     assert max_loss_diff(one, accum) < 1e-5
     for other in (ddp, accum):
-        for a, b in zip(weights(one).values(), weights(other).values(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        ours, theirs = comparable_weights(weights(one)), comparable_weights(weights(other))
+        for a, b in zip(ours.values(), theirs.values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
 
 
 def test_sigkill_then_resume_auto_is_exact_and_continues_the_wandb_run(env, reference):
@@ -153,7 +156,7 @@ def test_sigkill_then_resume_auto_is_exact_and_continues_the_wandb_run(env, refe
     out = env["base"] / "killed"
     secret = "fake-wandb-key-0123456789abcdef0123456789abcdef"
     wandb_env = {"WANDB_MODE": "offline", "WANDB_API_KEY": secret, "HF_TOKEN": "hf_fake_secret_token_4567"}
-    args = ["--batch-size", "8", "--max-steps", "20", "--save-every", "5", *WORKERS]
+    args = ["--batch-size", "8", "--max-steps", "20", "--save-every", "5", *WORKERS, *DROPOUT]
     killed = run(env, out, *args, extra_env={**wandb_env, "VLTASKS_INJECT_FAULT": "kill:12:0"}, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert max(losses(out)) == 12 and os.readlink(out / "ckpt_last.pt") == "ckpt_step00000010.pt"
