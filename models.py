@@ -330,11 +330,12 @@ class VisionTower(nn.Module):
     streams: a cache of the tokens (--cache-features) read as a stream before the same extra streams gives the
     same input. A batch without `pixels` carries tokens already encoded."""
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, extra_dim: int = 0):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, extra_dim: int = 0, extra_stats=None):
         super().__init__()
         self.tower, self.processor = load_vision(cfg, seed)
         self.tokens, self.frozen = cfg.vision_tokens, cfg.freeze_vision
         self.dim = self.tower.config.hidden_size + extra_dim
+        self.extra = FeatureInput(extra_dim, extra_stats)  # the extra streams, standardised as features are
 
     def tokens_per_image(self, size: tuple[int, int]) -> int:
         patch = self.tower.config.patch_size
@@ -365,9 +366,10 @@ class VisionTower(nn.Module):
         tokens = self.encode(pixels.flatten(0, 1)).reshape(len(pixels), -1, self.tower.config.hidden_size)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         if "features" in batch:
-            length = min(tokens.shape[1], batch["features"].shape[1])
-            tokens = torch.cat([tokens[:, :length], batch["features"][:, :length].to(tokens.dtype)], -1)
-            mask = batch["feature_mask"][:, :length]
+            features, mask = self.extra(batch)
+            length = min(tokens.shape[1], features.shape[1])
+            tokens = torch.cat([tokens[:, :length], features[:, :length].to(tokens.dtype)], -1)
+            mask = mask[:, :length]
         return tokens, mask
 
 
@@ -535,8 +537,8 @@ def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> Non
     if isinstance(model.vision, VisionTower):
         model.vision.tower.save_pretrained(Path(directory) / "vision")
         model.vision.processor.save_pretrained(Path(directory) / "vision")
-        tower = {"tokens": model.vision.tokens, "extra_dim": model.vision.dim - model.vision.tower.config.hidden_size}
-    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm.", "video_head.", "vision."))}
+        tower = {"tokens": model.vision.tokens, "extra_dim": model.vision.extra.dim}
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm.", "video_head.", "vision.tower."))}
     markers = tokenizer.convert_ids_to_tokens(model.marker_ids.tolist())
     extra = {"feature_dim": model.vision.dim, "projector": model.projector_kind, "markers": markers, "weights": weights}
     torch.save({**extra, "tower": tower}, Path(directory) / "visual_prefix.pt")
@@ -552,13 +554,15 @@ def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     markers = tokenizer.convert_tokens_to_ids(extra["markers"])
-    vision = FeatureInput(extra["feature_dim"])
+    dim = extra["tower"]["extra_dim"] if extra["tower"] else extra["feature_dim"]
+    stats = (torch.zeros(dim), torch.ones(dim)) if any(k.endswith(".mean") for k in extra["weights"]) else None
+    vision = FeatureInput(dim, stats)  # --model.feature-norm: the training statistics, loaded below
     if extra["tower"]:
         tower = ModelConfig(vision=str(Path(directory) / "vision"), vision_tokens=extra["tower"]["tokens"])
-        vision = VisionTower(tower, extra_dim=extra["tower"]["extra_dim"])
+        vision = VisionTower(tower, extra_dim=dim, extra_stats=stats)
     model = VisualPrefixLM(lm, vision, markers, extra["projector"])
     missing, unexpected = model.load_state_dict(extra["weights"], strict=False)
-    if unexpected or not all(k.startswith(("lm.", "vision.")) for k in missing):
+    if unexpected or not all(k.startswith(("lm.", "vision.tower.")) for k in missing):
         raise ValueError(f"{directory}/visual_prefix.pt does not fit: missing {missing}, unexpected {unexpected}")
     return model.eval(), tokenizer
 

@@ -227,14 +227,16 @@ class BaseTask:
     def build_vision(self, train_set: Dataset) -> nn.Module:
         """The visual front end the model reads through: the dataset's features (models.FeatureInput, standardised
         with the training split's statistics unless --model.no-feature-norm), or with --model.vision its images or
-        videos through the tower (models.VisionTower; `pixels` in the samples)."""
+        videos through the tower (models.VisionTower; `pixels` in the samples; its tokens as they are, extra feature
+        streams such as VGGish standardised as features are)."""
         import models
 
         if self.cfg.model.vision is None:
             stats = train_set.feature_stats() if self.cfg.model.feature_norm else None
             return models.FeatureInput(train_set.features.dim, stats)
         extra = train_set.features.dim if train_set.features is not None else 0
-        vision = models.VisionTower(self.cfg.model, self.cfg.seed, extra)
+        stats = train_set.feature_stats() if extra and self.cfg.model.feature_norm else None
+        vision = models.VisionTower(self.cfg.model, self.cfg.seed, extra, stats)
         self.frame_tokens = vision.tokens_per_image(train_set.pixels.size)
         if train_set.frames * self.frame_tokens > self.cfg.data.max_feature_len:
             raise InputError(

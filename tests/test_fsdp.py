@@ -19,6 +19,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import comparable_weights
 
 import data
 import tasks
@@ -115,11 +116,11 @@ def test_fsdp_on_two_ranks_trains_like_one_process(runs, tmp_path):
     assert diff < 1e-5
     assert fsdp[6]["train/grad_norm"] == pytest.approx(one[6]["train/grad_norm"], rel=1e-4)
     assert "val/CIDEr" in fsdp[3] and "test/CIDEr" in fsdp[6]  # evaluated twice, then the test split with the best
-    ours = sharded_weights(runs["fsdp"] / "ckpt_last.dcp", tmp_path)
-    theirs = torch.load(runs["one"] / "ckpt_last.pt", weights_only=True)["model"]
+    ours = comparable_weights(sharded_weights(runs["fsdp"] / "ckpt_last.dcp", tmp_path))
+    theirs = comparable_weights(torch.load(runs["one"] / "ckpt_last.pt", weights_only=True)["model"])
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
-        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=2e-5, msg=key)  # as test_trust: Adam on rounding
 
 
 def test_fsdp_resume_is_exact(runs, tmp_path):
