@@ -6,6 +6,7 @@ memory-mapped so that a dataset much larger than RAM costs nothing until a batch
 and videos decoded and transformed in the loader workers, for a vision tower: `Pixels`, `MediaDataset`).
 """
 
+import functools
 import json
 import math
 import mmap
@@ -872,9 +873,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vltasks"
 
 
-def embedded_root(cache_dir: Path | None, name: str, make) -> Path:
-    """Generate an embedded dataset once into `cache_dir/name` and reuse it. Safe to race: every process builds in
-    its own temp dir and renames it into place; the loser of the race throws its copy away."""
+def embedded_root(cache_dir: Path | None, name: str, make, pixels: bool = False) -> Path:
+    """Generate an embedded dataset once into `cache_dir/name` and reuse it (`pixels`: its version with images or
+    videos). Safe to race: every process builds in its own temp dir and renames it into place; the loser of the race
+    throws its copy away."""
+    if pixels:
+        name, make = f"{name}-{PIXELS_VERSION}", functools.partial(make, pixels=True)
     cache_dir = cache_dir or default_cache_dir()
     root = cache_dir / name
     if (root / "COMPLETE").is_file():

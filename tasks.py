@@ -526,12 +526,12 @@ class DialogueTask(LMTask):
             raise InputError("dialogue reads its feature streams from --features (e.g. --features NAME vggish)")
         streams = cfg.features if cfg.features is not None else () if cfg.model.vision else tuple(data.AVSD_STREAMS)
         pixels = cfg.model.vision is not None or not set(streams) <= set(data.AVSD_STREAMS)
-        root = cfg.data.root or embedded_root(cfg, data.EMBEDDED_VERSION, data.make_embedded_avsd, pixels)
-        store = data.FeatureStore(
-            root / "features", {s: data.AVSD_STREAMS.get(s) for s in streams}, cfg.data.max_feature_len
-        )
+        make = data.make_embedded_avsd
+        root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, data.EMBEDDED_VERSION, make, pixels)
+        widths = {s: data.AVSD_STREAMS.get(s) for s in streams}
+        store = data.FeatureStore(root / "features", widths, cfg.data.max_feature_len) if streams else None
         load = functools.partial(data.load_avsd, max_turns=cfg.max_turns)
-        return load_splits(cfg, root, store if streams else None, load, functools.partial(data.video_file, root))
+        return load_splits(cfg, root, store, load, functools.partial(data.video_file, root))
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [t for s in train_set.samples for t in (s["caption"], s["summary"], s["question"], s["answer"])]
@@ -598,18 +598,11 @@ class ImageGenerationConfig(GenerationConfig):
             raise ValueError(f"--feature-dim must be >= 1, got {self.feature_dim}")
 
 
-def embedded_root(cfg: TaskConfig, version: str, make, pixels: bool) -> Path:
-    """An embedded dataset (generated once into --data.cache-dir); `pixels`: its version with images or videos."""
-    if pixels:
-        version, make = f"{version}-{data.PIXELS_VERSION}", functools.partial(make, pixels=True)
-    return data.embedded_root(cfg.data.cache_dir, version, make)
-
-
 def image_datasets(cfg: ImageGenerationConfig, embedded: str, make_embedded, load) -> dict[str, Dataset]:
     """Features ROOT/features/{id}.npy (--data.features NAME: ROOT/features/NAME/{id}.npy), or with --model.vision
     images ROOT/images/{entry's "image"}. The embedded default has images with either of those two flags."""
     pixels = cfg.model.vision is not None or cfg.data.features is not None
-    root = cfg.data.root or embedded_root(cfg, embedded, make_embedded, pixels)
+    root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, embedded, make_embedded, pixels)
     store = None
     if cfg.data.features:
         store = data.FeatureStore(root / "features", {cfg.data.features: None}, cfg.data.max_feature_len)
