@@ -31,6 +31,13 @@ from models import ModelConfig
 # Config shared by every task
 
 
+def at_least(cfg, group: str = "", **minimums: int) -> None:
+    """For a config's __post_init__: each named field >= its minimum, else a ValueError naming the flag."""
+    for name, minimum in minimums.items():
+        if getattr(cfg, name) < minimum:
+            raise ValueError(f"--{group}{name.replace('_', '-')} must be >= {minimum}, got {getattr(cfg, name)}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: Path | None = None
@@ -60,8 +67,7 @@ class DataConfig:
     def __post_init__(self):
         if self.root is not None and not self.root.is_dir():
             raise ValueError(f"--data.root {self.root} is not a directory")
-        if self.num_workers < 0 or self.max_feature_len < 1 or self.num_frames < 1:
-            raise ValueError("--data.num-workers must be >= 0, --data.max-feature-len and --data.num-frames >= 1")
+        at_least(self, "data.", num_workers=0, max_feature_len=1, num_frames=1)
 
 
 @dataclass(frozen=True)
@@ -148,14 +154,8 @@ class TaskConfig:
     wandb: WandbConfig = WandbConfig()
 
     def __post_init__(self):
-        positive = ["max_steps", "max_epochs", "batch_size", "eval_batch_size", "grad_accum", "log_every"]
-        positive += ["keep_last", "dist_timeout"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ["eval_every", "save_every"]:
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        at_least(self, max_steps=1, max_epochs=1, batch_size=1, eval_batch_size=1, grad_accum=1, log_every=1)
+        at_least(self, keep_last=1, dist_timeout=1, eval_every=0, save_every=0)
         if self.evaluate and self.resume is None:
             raise ValueError("--evaluate needs a checkpoint: pass --resume PATH (or --resume auto with --output-dir)")
         if self.export is not None and (self.resume is None or self.evaluate):
@@ -188,8 +188,7 @@ class GenerationConfig(TaskConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_beams < 1:
-            raise ValueError(f"--num-beams must be >= 1, got {self.num_beams}")
+        at_least(self, num_beams=1)
         if not 0 <= self.min_len <= self.max_len:
             raise ValueError(f"need 0 <= --min-len <= --max-len, got --min-len {self.min_len} --max-len {self.max_len}")
 
@@ -594,8 +593,7 @@ class ImageGenerationConfig(GenerationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.feature_dim < 1:
-            raise ValueError(f"--feature-dim must be >= 1, got {self.feature_dim}")
+        at_least(self, feature_dim=1)
 
 
 def image_datasets(cfg: ImageGenerationConfig, embedded: str, make_embedded, load) -> dict[str, Dataset]:
@@ -676,8 +674,7 @@ class VQAConfig(ImageGenerationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_answers < 1 or self.rank_batch_size < 1 or self.num_ans_candidates < 0:
-            raise ValueError("--num-answers and --rank-batch-size must be >= 1, --num-ans-candidates >= 0")
+        at_least(self, num_answers=1, rank_batch_size=1, num_ans_candidates=0)
         if self.answer_list is not None and not self.answer_list.is_file():
             raise ValueError(f"--answer-list file not found: {self.answer_list}")
 
@@ -887,10 +884,7 @@ class EncoderConfig(TaskConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.feature_dim < 1 or self.max_text_len < 3:
-            raise ValueError(
-                f"need --feature-dim >= 1 and --max-text-len >= 3, got {self.feature_dim}, {self.max_text_len}"
-            )
+        at_least(self, feature_dim=1, max_text_len=3)
 
 
 class EncoderTask(BaseTask):
@@ -930,8 +924,9 @@ class RetrievalConfig(EncoderConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.embed_dim < 1 or not 0.01 <= self.temperature <= 1:
-            raise ValueError("--embed-dim must be >= 1 and --temperature in [0.01, 1]")
+        at_least(self, embed_dim=1)
+        if not 0.01 <= self.temperature <= 1:
+            raise ValueError(f"--temperature must be in [0.01, 1], got {self.temperature}")
 
 
 class RetrievalTask(EncoderTask):
