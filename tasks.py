@@ -496,9 +496,7 @@ def pack_visual_and_text(rows, pad_id: int, left: bool) -> dict:
 
 @dataclass(frozen=True)
 class DialogueConfig(GenerationConfig):
-    num_beams: int = 5
     max_len: int = 20
-    min_len: int = 1
     max_turns: int = 3
     """Earlier question/answer pairs kept as history."""
     use_caption: bool = True
@@ -611,9 +609,7 @@ def image_datasets(cfg: ImageGenerationConfig, embedded: str, make_embedded, loa
 
 @dataclass(frozen=True)
 class CaptioningConfig(ImageGenerationConfig):
-    num_beams: int = 5
-    max_len: int = 30
-    min_len: int = 1
+    """Image captioning: GenerationConfig's beam search settings as they are."""
 
 
 class CaptioningTask(LMTask):
@@ -658,7 +654,6 @@ TASKS["captioning"] = (CaptioningTask, CaptioningConfig())
 class VQAConfig(ImageGenerationConfig):
     num_beams: int = 3
     max_len: int = 10
-    min_len: int = 1
     inference_method: Literal["generate", "rank"] = "generate"
     """generate: beam search (--num-beams --max-len --min-len). rank: of the answer list, the candidate with the
     highest log-likelihood after the question (summed over its tokens and <eos>)."""
