@@ -8,6 +8,7 @@ import collections
 import dataclasses
 import difflib
 import functools
+import itertools
 import re
 import shutil
 import subprocess
@@ -412,22 +413,34 @@ class LMTask(BaseTask):
     def pack(self, samples: list[dict], prompts: list[tuple[list[int], list[int]]], targets, train: bool) -> dict:
         """prompts = (token ids, token types) per sample, placed after its visual tokens (between `self.front` and
         `self.back`); targets = token ids to learn (train only; they and their <eos> take the type of the prompt's
-        last token, and are the only labelled positions). Train: right-padded with labels. Eval: the prompt alone,
-        left-padded for generation."""
-        eos = self.token["<eos>"]
-        rows = []
-        for sample, (ids, kinds), target in zip(samples, prompts, targets, strict=True):
+        last token, and are the only labelled positions). One sequence per sample, [visual | text]: `is_visual`
+        and `visual_index` say which positions take which visual token (VisualPrefixLM). Train: right-padded with
+        labels. Eval: the prompt alone, left-padded for generation, and the samples' references if they have any."""
+        eos, pad_id, left = self.token["<eos>"], self.token["<pad>"], not train
+        ids, types, visual, labels = [], [], [], []
+        for sample, (prompt, kinds), target in zip(samples, prompts, targets, strict=True):
             frames = self.visual_len(sample)
-            ids = [*self.front, *ids, *self.back]
+            prompt = [*self.front, *prompt, *self.back]
             kinds = [kinds[0]] * len(self.front) + kinds + [kinds[-1]] * len(self.back)
-            labels = [-100] * (frames + len(ids))
+            labels.append([-100] * (frames + len(prompt)) + [*target, eos])
             if train:
-                labels += [*target, eos]
-                ids, kinds = [*ids, *target, eos], kinds + [kinds[-1]] * (len(target) + 1)
-            rows.append((frames, ids, [self.token[self.VISUAL]] * frames + kinds, labels))
-        batch = {**self.visual_batch(samples), **pack_visual_and_text(rows, pad_id=self.token["<pad>"], left=not train)}
+                prompt, kinds = [*prompt, *target, eos], kinds + [kinds[-1]] * (len(target) + 1)
+            ids.append([pad_id] * frames + prompt)
+            types.append([self.token[self.VISUAL]] * frames + kinds)
+            visual.append([1] * frames + [0] * len(prompt))
+        visual = data.pad(visual, 0, left)
+        batch = {
+            **self.visual_batch(samples),
+            "input_ids": data.pad(ids, pad_id, left),
+            "token_type_ids": data.pad(types, pad_id, left),
+            "attention_mask": data.pad([[1] * len(row) for row in ids], 0, left),
+            "is_visual": visual.bool(),
+            "visual_index": (visual.cumsum(1) - 1) * visual,  # the k-th visual position takes visual token k
+        }
         if train:
-            batch["labels"] = data.pad([r[3] for r in rows], -100, left=False)
+            batch["labels"] = data.pad(labels, -100, left=False)
+        elif "references" in samples[0]:
+            batch["references"] = [s["references"] for s in samples]
         batch["ids"] = [s["id"] for s in samples]
         return batch
 
@@ -474,20 +487,6 @@ def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore | None, lo
             )  # fmt: skip
         datasets[split].root = root
     return datasets
-
-
-def pack_visual_and_text(rows, pad_id: int, left: bool) -> dict:
-    """rows = (n_visual, text_ids, token_types, labels) per sample → one packed, padded sequence per sample, laid out
-    as [visual | text]: `is_visual`/`visual_index` say which positions take which visual token (VisualPrefixLM)."""
-    seqs = [[pad_id] * frames + ids for frames, ids, _, _ in rows]
-    visual = [[1] * frames + [0] * len(ids) for frames, ids, _, _ in rows]
-    return {
-        "input_ids": data.pad(seqs, pad_id, left),
-        "token_type_ids": data.pad([types for _, _, types, _ in rows], pad_id, left),
-        "attention_mask": data.pad([[1] * len(s) for s in seqs], 0, left),
-        "is_visual": data.pad(visual, 0, left).bool(),
-        "visual_index": data.pad([list(range(frames)) + [0] * len(ids) for frames, ids, _, _ in rows], 0, left),
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,13 +541,10 @@ class DialogueTask(LMTask):
             [s["caption"] + " " + s["summary"], *(t for qa in s["history"] for t in qa), s["question"]] for s in samples
         ]
         encoded = self.token_ids([t for ts in texts for t in ts] + [s["answer"] for s in samples])
-        answers = encoded[-len(samples) :]
+        answers, parts = encoded[-len(samples) :], iter(encoded)
         prompts = []
-        offset = 0
         for s, ts, answer in zip(samples, texts, answers, strict=True):
-            parts = encoded[offset : offset + len(ts)]
-            offset += len(ts)
-            caption, history, question = parts[0], parts[1:-1], parts[-1]
+            caption, *history, question = itertools.islice(parts, len(ts))
             frames = self.visual_len(s)
             budget = self.max_positions - frames - 1 - (len(answer) + 1 if train else self.cfg.max_len)
             if budget < 1:
@@ -569,10 +565,7 @@ class DialogueTask(LMTask):
                 types += [speaker] * (len(t) + 1 + len(sep))
             ids, types = ids[-budget:], types[-budget:]  # still too long: cut the caption from the left
             prompts.append(([*ids, tok["<speaker2>"]], [*types, tok["<speaker2>"]]))
-        batch = self.pack(samples, prompts, answers, train)
-        if not train:
-            batch["references"] = [s["references"] for s in samples]
-        return batch
+        return self.pack(samples, prompts, answers, train)
 
 
 TASKS["dialogue"] = (DialogueTask, DialogueConfig())
@@ -628,17 +621,10 @@ class CaptioningTask(LMTask):
 
     def collate(self, samples: list[dict], train: bool) -> dict:
         """[image | <cap> caption <eos>], token types <image> and <cap>; eval prompts end at <cap>."""
-        tok = self.token
-        captions = [[] for _ in samples]
-        if train:
-            captions = self.token_ids([s["caption"] for s in samples])
-            captions = [
-                c[: self.max_positions - self.visual_len(s) - 2] for s, c in zip(samples, captions, strict=True)
-            ]
-        batch = self.pack(samples, [([tok["<cap>"]], [tok["<cap>"]]) for _ in samples], captions, train)
-        if not train:
-            batch["references"] = [s["references"] for s in samples]
-        return batch
+        cap = self.token["<cap>"]
+        captions = self.token_ids([s["caption"] for s in samples]) if train else [[] for _ in samples]
+        captions = [c[: self.max_positions - self.visual_len(s) - 2] for s, c in zip(samples, captions, strict=True)]
+        return self.pack(samples, [([cap], [cap]) for _ in samples], captions, train)
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
         metrics = super().after_evaluation(results, split)
@@ -717,10 +703,7 @@ class VQATask(LMTask):
         <answer>. Training learns the most common of the human answers (normalised)."""
         tok = self.token
         questions = self.token_ids([s["question"] for s in samples])
-        answers = [[] for _ in samples]
-        if train:
-            answers = [consensus_answer(s["answers"]) for s in samples]
-            answers = self.token_ids(answers)
+        answers = self.token_ids([consensus_answer(s["answers"]) for s in samples]) if train else [[] for _ in samples]
         prompts = []
         for s, question, answer in zip(samples, questions, answers, strict=True):
             question = question[: self.max_positions - self.visual_len(s) - 2 - max(len(answer), self.cfg.max_len)]
