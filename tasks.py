@@ -333,13 +333,9 @@ def ptb_tokenize(texts: dict[str, list[str]]) -> dict[str, list[str]]:
 
     keys = [k for k, v in texts.items() for _ in v]
     lines = "\n".join(t.replace("\n", " ") for v in texts.values() for t in v)
-    command = ["java", "-cp", ptb.STANFORD_CORENLP_3_4_1_JAR, "edu.stanford.nlp.process.PTBTokenizer"]
-    done = subprocess.run(
-        [*command, "-preserveLines", "-lowerCase"],
-        cwd=Path(ptb.__file__).parent,
-        input=lines.encode(),
-        capture_output=True,
-    )
+    jar, main = ptb.STANFORD_CORENLP_3_4_1_JAR, "edu.stanford.nlp.process.PTBTokenizer"
+    command = ["java", "-cp", jar, main, "-preserveLines", "-lowerCase"]
+    done = subprocess.run(command, cwd=Path(ptb.__file__).parent, input=lines.encode(), capture_output=True)
     tokenized = done.stdout.decode().split("\n")
     if done.returncode or len(tokenized) < len(keys):
         raise RuntimeError(f"PTB tokenizer failed (exit {done.returncode}): {done.stderr.decode().strip()[-2000:]}")
