@@ -313,10 +313,9 @@ class MediaDataset(FeatureDataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
         source = self.remap[sample[self.key]]
+        rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         try:
-            pixels = self.pixels(
-                self.media[source], np.random.default_rng([self.seed, epoch, index]) if self.train else None
-            )
+            pixels = self.pixels(self.media[source], rng)
         except InputError as e:
             if not self.skip_bad:
                 raise
@@ -356,26 +355,14 @@ def load_avsd(path: Path, train: bool, max_turns: int) -> list[dict]:
             if not (isinstance(answer, str) or listed):
                 also = " or a non-empty list of references (strings)" if t == target else ""
                 raise InputError(f"{where}, turn {t}: 'answer' must be a string{also}")
-        context = {
-            "image_id": str(dialog["image_id"]),
-            "caption": dialog.get("caption", ""),
-            "summary": dialog.get("summary", ""),
-        }
-        targets = range(len(turns)) if train else [len(turns) - 1]
-        for t in targets:
+        image_id = str(dialog["image_id"])
+        context = {"image_id": image_id, "caption": dialog.get("caption", ""), "summary": dialog.get("summary", "")}
+        for t in range(len(turns)) if train else [target]:
             history = [(h["question"], h["answer"]) for h in turns[max(0, t - max_turns) : t]]
-            answer = turns[t]["answer"]
-            references = answer if isinstance(answer, list) else [answer]
-            samples.append(
-                {
-                    **context,
-                    "id": f"{context['image_id']}#{t}" if train else context["image_id"],
-                    "history": history,
-                    "question": turns[t]["question"],
-                    "answer": references[0],
-                    "references": references,
-                }
-            )
+            turn = turns[t]
+            references = turn["answer"] if isinstance(turn["answer"], list) else [turn["answer"]]
+            sample = {**context, "id": f"{image_id}#{t}" if train else image_id, "history": history}
+            samples.append({**sample, "question": turn["question"], "answer": references[0], "references": references})
     if not samples:
         raise InputError(f"empty split: no dialogs in {path}")
     return samples
@@ -520,14 +507,9 @@ def make_embedded_avsd(root: Path, seed: int = 0, pixels: bool = False) -> None:
             target = grounded.pop(rng.integers(len(grounded)))  # the eval target always asks about the video
             turns = grounded + small_talk
             turns = [turns[k] for k in rng.permutation(len(turns))] + [target]
-            dialogs.append(
-                {
-                    "image_id": video_id,
-                    "caption": f"a person in the {place}.",
-                    "summary": f"it's a quiet {place}.",
-                    "dialog": [{"question": q, "answer": a} for q, a in turns],
-                }
-            )
+            caption, summary = f"a person in the {place}.", f"it's a quiet {place}."
+            dialog = [{"question": q, "answer": a} for q, a in turns]
+            dialogs.append({"image_id": video_id, "caption": caption, "summary": summary, "dialog": dialog})
         (root / "annotations" / f"{split}.json").write_text(json.dumps({"dialogs": dialogs}, indent=1))
 
 
@@ -682,14 +664,12 @@ def draw_image(path: Path, color: int, shape: int, place: int, count: int, rng: 
 
     image = Image.new("RGB", (64, 48), _BACKGROUNDS[place])
     for cell in rng.permutation(4)[: count + 1]:
-        draw_shape(
-            image, shape, color, 32 * (cell % 2) + rng.integers(12, 18), 24 * (cell // 2) + rng.integers(10, 14), 20, 16
-        )
+        x, y = 32 * (cell % 2) + rng.integers(12, 18), 24 * (cell // 2) + rng.integers(10, 14)
+        draw_shape(image, shape, color, x, y, 20, 16)
     kind, exif = int(rng.integers(20)), Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display" (kind 3)
-    image = {1: image.convert("L"), 2: image.convert("CMYK"), 3: image.transpose(Image.Transpose.ROTATE_90)}.get(
-        kind, image
-    )
+    stored = {1: image.convert("L"), 2: image.convert("CMYK"), 3: image.transpose(Image.Transpose.ROTATE_90)}
+    image = stored.get(kind, image)
     image.save(path, "PNG" if kind == 0 else "JPEG", quality=90, **({"exif": exif} if kind == 3 else {}))
 
 
@@ -778,21 +758,12 @@ def make_embedded_vqa(root: Path, seed: int = 0, pixels: bool = False) -> None:
         for image in _make_images(root, split, n_images, rng, model, pixels=pixels):
             asked_color = _IMAGE_ATTRIBUTES["color"][rng.integers(6)] if rng.random() < 0.5 else image["color"]
             plain, period, title = str, "{}.".format, str.title
+            thing, yes_no = image["thing"], "yes" if asked_color == image["color"] else "no"
             questions = [
-                (f"what color is the {image['thing']}?", "other", image["color"], [plain, period, title]),
-                (
-                    "what is the object in the picture?",
-                    "other",
-                    image["thing"],
-                    [plain, "a {}".format, "the {}".format],
-                ),
-                (f"how many {image['thing']}s are there?", "number", image["count"], [plain, digits.get]),
-                (
-                    f"is the {image['thing']} {asked_color}?",
-                    "yes/no",
-                    "yes" if asked_color == image["color"] else "no",
-                    [plain, title],
-                ),
+                (f"what color is the {thing}?", "other", image["color"], [plain, period, title]),
+                ("what is the object in the picture?", "other", thing, [plain, "a {}".format, "the {}".format]),
+                (f"how many {thing}s are there?", "number", image["count"], [plain, digits.get]),
+                (f"is the {thing} {asked_color}?", "yes/no", yes_no, [plain, title]),
             ]
             for q in rng.permutation(len(questions))[:3]:
                 question, answer_type, answer, spellings = questions[q]
@@ -801,16 +772,8 @@ def make_embedded_vqa(root: Path, seed: int = 0, pixels: bool = False) -> None:
                 pool = pool or _IMAGE_ATTRIBUTES["color" if "color" in question else "thing"]
                 for k in rng.permutation(10)[: rng.integers(0, 3)]:  # disagreeing annotators
                     answers[k] = pool[rng.integers(len(pool))]
-                question_id = 100_000 * list(VQA_SPLITS).index(split) + len(entries)
-                entries.append(
-                    {
-                        "question_id": question_id,
-                        "image": image["image"],
-                        "question": question,
-                        "answer": answers,
-                        "answer_type": answer_type,
-                    }
-                )
+                entry = {"question_id": 100_000 * list(VQA_SPLITS).index(split) + len(entries), "image": image["image"]}
+                entries.append({**entry, "question": question, "answer": answers, "answer_type": answer_type})
         (root / "annotations" / f"{split}.json").write_text(json.dumps(entries, indent=1))
 
 
