@@ -447,10 +447,8 @@ class LMTask(BaseTask):
         return [t.strip() for t in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
-        return [
-            {"id": i, "prediction": t, "references": r}
-            for i, t, r in zip(batch["ids"], self.generate(model, batch), batch["references"], strict=True)
-        ]
+        rows = zip(batch["ids"], self.generate(model, batch), batch["references"], strict=True)
+        return [{"id": i, "prediction": t, "references": r} for i, t, r in rows]
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
         """The generated text scored against its references with the COCO caption metrics."""
@@ -711,13 +709,9 @@ class VQATask(LMTask):
         return batch
 
     def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
-        method = self.generate if self.cfg.inference_method == "generate" else self.rank
-        return [
-            {"id": i, "prediction": p, "answers": a, "answer_type": t}
-            for i, p, a, t in zip(
-                batch["ids"], method(model, batch), batch["answers"], batch["answer_types"], strict=True
-            )
-        ]
+        predictions = (self.generate if self.cfg.inference_method == "generate" else self.rank)(model, batch)
+        rows = zip(batch["ids"], predictions, batch["answers"], batch["answer_types"], strict=True)
+        return [{"id": i, "prediction": p, "answers": a, "answer_type": t} for i, p, a, t in rows]
 
     @torch.no_grad()
     def rank(self, model: nn.Module, batch: dict) -> list[str]:
@@ -734,23 +728,20 @@ class VQATask(LMTask):
         scores = torch.empty(shortlist.numel(), device=device)
         # Each image encoded once (a tower would run per pair otherwise); the pairs carry its tokens.
         visual = dict(zip(("features", "feature_mask"), model.vision(batch), strict=True))
+        prompts = {**batch, "labels": torch.full_like(batch["input_ids"], -100)}
         for pairs in torch.arange(len(scores), device=device).split(self.cfg.rank_batch_size):
             question, answer = pairs // shortlist.shape[1], shortlist.flatten()[pairs]
-            prompt = {k: batch[k][question] for k in ("input_ids", "token_type_ids", "attention_mask")}
             answer_ids, answer_mask = candidates[answer], candidate_mask[answer]
-            rows = {
-                **{k: v[question] for k, v in visual.items()},
-                "input_ids": torch.cat([prompt["input_ids"], answer_ids], 1),
-                "token_type_ids": torch.cat(
-                    [prompt["token_type_ids"], torch.full_like(answer_ids, self.token["<answer>"])], 1
-                ),
-                "attention_mask": torch.cat([prompt["attention_mask"], answer_mask.long()], 1),
-                "is_visual": torch.cat([batch["is_visual"][question], torch.zeros_like(answer_mask)], 1),
-                "visual_index": torch.cat([batch["visual_index"][question], torch.zeros_like(answer_ids)], 1),
-                "labels": torch.cat(
-                    [torch.full_like(prompt["input_ids"], -100), answer_ids.masked_fill(~answer_mask, -100)], 1
-                ),
+            appended = {
+                "input_ids": answer_ids,
+                "token_type_ids": torch.full_like(answer_ids, self.token["<answer>"]),
+                "attention_mask": answer_mask.long(),
+                "is_visual": torch.zeros_like(answer_mask),
+                "visual_index": torch.zeros_like(answer_ids),
+                "labels": answer_ids.masked_fill(~answer_mask, -100),
             }
+            rows = {k: v[question] for k, v in visual.items()}
+            rows |= {k: torch.cat([prompts[k][question], v], 1) for k, v in appended.items()}
             scores[pairs] = model.log_likelihood(rows).float()
         best = shortlist.gather(1, scores.view(shortlist.shape).argmax(1, keepdim=True))
         return [self.candidates[i] for i in best.flatten().tolist()]
@@ -1074,11 +1065,8 @@ class ClassificationTask(EncoderTask):
         return loss, torch.tensor(len(batch["ids"]), device=loss.device)
 
     def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
-        predictions = model(batch).argmax(-1).tolist()
-        return [
-            {"id": i, "label": self.LABELS[y], "prediction": self.LABELS[p]}
-            for i, y, p in zip(batch["ids"], batch["labels"].tolist(), predictions, strict=True)
-        ]
+        rows = zip(batch["ids"], batch["labels"].tolist(), model(batch).argmax(-1).tolist(), strict=True)
+        return [{"id": i, "label": self.LABELS[y], "prediction": self.LABELS[p]} for i, y, p in rows]
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
         return accuracy_metrics([r["prediction"] for r in results], [r["label"] for r in results], self.LABELS)
