@@ -124,18 +124,18 @@ class FeatureStore:
 
 
 class FeatureDataset(Dataset):
-    """Annotation samples (dicts) joined with their features under `"features"`.
+    """Annotation samples (dicts) joined with the features of their `image_id` under `"features"`.
 
     `shuffle_features` is the ablation that proves a model uses its visual input: each sample gets the features of
     another sample's video (a fixed permutation over distinct feature ids), so text-only shortcuts keep working and
     everything grounded in the video breaks.
     """
 
-    def __init__(self, samples: list[dict], features: FeatureStore | None, key: str, shuffle_features: bool = False):
+    def __init__(self, samples: list[dict], features: FeatureStore | None, shuffle_features: bool = False):
         if not samples:
             raise InputError("empty split: no samples")
-        self.samples, self.features, self.key = samples, features, key
-        ids = sorted({s[key] for s in samples})
+        self.samples, self.features = samples, features
+        ids = sorted({s["image_id"] for s in samples})
         for feature_id in ids if features is not None else []:
             features.check(feature_id)
         self.remap = {i: i for i in ids}
@@ -149,7 +149,7 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        return {**sample, "features": self.features.load(self.remap[sample[self.key]])}
+        return {**sample, "features": self.features.load(self.remap[sample["image_id"]])}
 
     def feature_stats(self, max_ids: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and standard deviation over every frame of up to `max_ids` of the split's videos (or
@@ -290,7 +290,7 @@ class MediaDataset(FeatureDataset):
 
     per_epoch = True  # ResumableSampler yields (epoch, index)
 
-    def __init__(self, samples, features, key, shuffle, media: dict, pixels: Pixels, skip_bad: bool, train, seed):
+    def __init__(self, samples, features, shuffle, media: dict, pixels: Pixels, skip_bad: bool, train: bool, seed):
         bad = {}
         for feature_id in sorted(media):
             try:
@@ -305,14 +305,14 @@ class MediaDataset(FeatureDataset):
                 f"warning: skipped {len(bad)} of {len(media)} files that cannot be read, first: {first}",
                 file=sys.stderr,
             )
-        super().__init__([s for s in samples if s[key] not in bad], features, key, shuffle)
+        super().__init__([s for s in samples if s["image_id"] not in bad], features, shuffle)
         self.media, self.pixels, self.skip_bad, self.train, self.seed = media, pixels, skip_bad, train, seed
         self.frames = max(pixels.frames(path) for path in media.values())
 
     def __getitem__(self, key) -> dict | None:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample = self.samples[index]
-        source = self.remap[sample[self.key]]
+        source = self.remap[sample["image_id"]]
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         try:
             pixels = self.pixels(self.media[source], rng)
@@ -371,8 +371,8 @@ def load_avsd(path: Path, train: bool, max_turns: int) -> list[dict]:
 # Realistic features for the embedded datasets. Fixed directions plus Gaussian noise are far easier than real
 # features, and a recipe tuned on them fails on real ones, so the generators copy what real features are made of:
 # a large mean shared by every video or image, per-video (per-image) content the questions never ask about, and
-# the attributes they do ask about as a small part of the variance. The statistics are below, in the README and
-# checked by tests/test_avsd_data.py and tests/test_captioning.py.
+# the attributes they do ask about as a small part of the variance. The statistics they give are in the README
+# ("Realistic embedded features"), checked by tests/test_avsd_data.py and tests/test_captioning.py.
 
 
 def _low_rank(rng: np.random.Generator, k: int, width: int, variance: float) -> np.ndarray:
@@ -438,12 +438,10 @@ EMBEDDED_VERSION = "avsd-embedded-v6"
 # rank, shared by its frames) and of its isotropic part, of each attribute written into the stream, of the slow
 # drift (AR(1), `rho` from one frame to the next) and of independent frame noise; then a per-dimension bias and
 # gain. So each attribute is 3.8% of an I3D stream's variance (questions ask about objects and colours, which
-# action-recognition features hardly encode) and the sound 7% of VGGish's. Measured on the generated train split:
-# I3D (a ReLU average of that): mean 0.42, median 0.19, 10% of values below 0.01, a long tail to ~12; the shared
-# mean has 2x the energy of all the variance (two random frames have cosine 0.67); 76% of the variance is between
-# videos. VGGish: 128-d PCA-whitened embeddings (unit variance), shifted and scaled per dimension (another domain
-# than AudioSet's), clipped to [-2, 2] and quantised to 0..255 as the released AudioSet embeddings are (AVSD's
-# vggish .npy files are taken to hold those integer values as floats): mean 128, std 60.
+# action-recognition features hardly encode) and the sound 7% of VGGish's. I3D values are a ReLU average of that.
+# VGGish: PCA-whitened embeddings (unit variance) shifted and scaled per dimension (another domain than AudioSet's),
+# clipped to [-2, 2] and quantised to 0..255 as the released AudioSet embeddings are (AVSD's vggish .npy files are
+# taken to hold those integer values as floats).
 _AVSD_STREAM_MODEL = {
     "i3d": {"content": 0.25, "isotropic": 0.06, "attribute": 0.025, "drift": 0.2, "rho": 0.85, "noise": 0.08},
     "vggish": {"content": 0.35, "isotropic": 0.1, "attribute": 0.06, "drift": 0.2, "rho": 0.7, "noise": 0.15},

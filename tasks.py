@@ -460,7 +460,7 @@ class LMTask(BaseTask):
 def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore | None, load, media=None) -> dict[str, Dataset]:
     """ROOT/annotations/{train,val[,test]}.json read by `load(path, train=...)`, joined with their features, or with
     --model.vision with their image or video (`media(sample)`: its file) and the extra streams of `store`."""
-    datasets = {}
+    datasets, shuffle = {}, cfg.data.shuffle_features
     if cfg.model.vision is not None:
         import models
 
@@ -471,14 +471,11 @@ def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore | None, lo
             continue
         samples = load(path, train=split == "train")
         if cfg.model.vision is None:
-            datasets[split] = data.FeatureDataset(samples, store, "image_id", cfg.data.shuffle_features)
+            datasets[split] = data.FeatureDataset(samples, store, shuffle)
         else:
-            files = {s["image_id"]: media(s) for s in samples}
-            train = split == "train" and cfg.data.augment
-            datasets[split] = data.MediaDataset(
-                samples, store, "image_id", cfg.data.shuffle_features, files, pixels, cfg.data.skip_bad_files, train,
-                cfg.seed,
-            )  # fmt: skip
+            files, train = {s["image_id"]: media(s) for s in samples}, split == "train" and cfg.data.augment
+            skip_bad = cfg.data.skip_bad_files
+            datasets[split] = data.MediaDataset(samples, store, shuffle, files, pixels, skip_bad, train, cfg.seed)
         datasets[split].root = root
     return datasets
 

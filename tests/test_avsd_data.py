@@ -116,8 +116,8 @@ def test_shuffled_features_come_from_another_video(tmp_path):
         np.save(tmp_path / "features" / "vggish" / f"v{i}.npy", np.full((9, 128), i, np.float32))
     samples = data.load_avsd(tmp_path / "annotations" / "val.json", train=False, max_turns=3)
     store = data.FeatureStore(tmp_path / "features", {"vggish": 128}, max_len=100)
-    plain = data.FeatureDataset(samples, store, "image_id")
-    shuffled = data.FeatureDataset(samples, store, "image_id", shuffle_features=True)
+    plain = data.FeatureDataset(samples, store)
+    shuffled = data.FeatureDataset(samples, store, shuffle_features=True)
     assert [plain[i]["features"][0, 0] for i in range(5)] == [0, 1, 2, 3, 4]
     moved = [shuffled[i]["features"][0, 0] for i in range(5)]
     assert sorted(moved) == [0, 1, 2, 3, 4] and all(moved[i] != i for i in range(5))
@@ -170,7 +170,7 @@ def test_bad_data_names_the_file_or_video(tmp_path, breakage, message):
     with pytest.raises(InputError, match=message):
         samples = data.load_avsd(path, train=False, max_turns=3)
         store = data.FeatureStore(tmp_path / "features", data.AVSD_STREAMS, max_len=100)
-        data.FeatureDataset(samples, store, "image_id")
+        data.FeatureDataset(samples, store)
 
 
 def test_embedded_avsd_is_deterministic_real_format_and_cached(tmp_path):
@@ -238,7 +238,7 @@ def test_feature_stats_are_the_training_split_mean_and_std(tmp_path):
         frames[:, 5] = 2.0  # a dead unit
         np.save(tmp_path / "s" / f"{name}.npy", frames)
     store = data.FeatureStore(tmp_path, {"s": 6}, max_len=100)
-    dataset = data.FeatureDataset([{"id": n, "image_id": n} for n in features], store, "image_id")
+    dataset = data.FeatureDataset([{"id": n, "image_id": n} for n in features], store)
     mean, std = dataset.feature_stats()
     every = np.concatenate(list(features.values()))
     np.testing.assert_allclose(mean.numpy(), every.mean(0), rtol=1e-5)
