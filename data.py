@@ -160,9 +160,7 @@ class FeatureDataset(Dataset):
         normalising it does not blow its rounding noise up to the size of real signal."""
         ids = sorted(self.remap)
         ids = ids[:: math.ceil(len(ids) / max_ids)]
-        total = np.zeros(self.features.dim)
-        squares = np.zeros(self.features.dim)
-        count = np.zeros(self.features.dim)
+        total, squares, count = np.zeros((3, self.features.dim))
         for feature_id in ids:
             frames = self.features.load(feature_id).astype(np.float64)
             finite = np.isfinite(frames)
@@ -197,9 +195,6 @@ class Pixels:
         self.size = (size.get("height"), size.get("width"))
         if None in self.size:
             raise InputError(f"image processor {type(processor).__name__} gives no fixed size (height, width)")
-
-    def frames(self, path: Path) -> int:
-        return self.num_frames if path.suffix in VIDEO_EXTENSIONS else 1
 
     def __call__(self, path: Path, rng: np.random.Generator | None, check: bool = False) -> torch.Tensor | None:
         """(F, 3, H, W) float32; `rng` None: the evaluation transform. `check`: only what is cheap, before training:
@@ -307,7 +302,7 @@ class MediaDataset(FeatureDataset):
             )
         super().__init__([s for s in samples if s["image_id"] not in bad], features, shuffle)
         self.media, self.pixels, self.skip_bad, self.train, self.seed = media, pixels, skip_bad, train, seed
-        self.frames = max(pixels.frames(path) for path in media.values())
+        self.frames = max(pixels.num_frames if path.suffix in VIDEO_EXTENSIONS else 1 for path in media.values())
 
     def __getitem__(self, key) -> dict | None:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -566,10 +561,8 @@ def load_vqa(path: Path, train: bool) -> list[dict]:
         answers = entry.get("answer", [])
         answers = [answers] if isinstance(answers, str) else answers
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or (train and not answers):
-            raise InputError(
-                f"{path}: entry {n} (question_id {entry['question_id']!r}): 'answer' must be a string "
-                "or a list of strings"
-            )
+            where = f"{path}: entry {n} (question_id {entry['question_id']!r})"
+            raise InputError(f"{where}: 'answer' must be a string or a list of strings")
         sample = {"id": str(entry["question_id"]), "image_id": image_feature_id(entry), "image": entry.get("image")}
         sample["question"] = entry["question"]
         samples.append({**sample, "answers": answers, "answer_type": entry.get("answer_type")})
@@ -830,17 +823,13 @@ def make_embedded_snli_ve(root: Path, seed: int = 0, pixels: bool = False) -> No
 PIXELS_VERSION = "pixels-v1"  # appended to an embedded dataset's version for its version with images or videos
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vltasks"
-
-
 def embedded_root(cache_dir: Path | None, name: str, make, pixels: bool = False) -> Path:
     """Generate an embedded dataset once into `cache_dir/name` and reuse it (`pixels`: its version with images or
     videos). Safe to race: every process builds in its own temp dir and renames it into place; the loser of the race
     throws its copy away."""
     if pixels:
         name, make = f"{name}-{PIXELS_VERSION}", functools.partial(make, pixels=True)
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vltasks"
     root = cache_dir / name
     if (root / "COMPLETE").is_file():
         return root
