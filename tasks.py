@@ -50,8 +50,7 @@ class DataConfig:
     max_feature_len: int = 200
     """Frames kept per video (after aligning the feature streams to the shortest)."""
     shuffle_features: bool = False
-    """Ablation: give every sample the features (or image, video) of another one. A grounded model must score
-    clearly worse."""
+    """Ablation: give every sample another one's features (or image, video). A grounded model scores clearly worse."""
     features: str | None = None
     """Image tasks: read the features from ROOT/features/NAME/ (e.g. a cache written by --cache-features NAME), their
     width from the files. Unset: ROOT/features/. (Dialogue names its streams with --features.)"""
