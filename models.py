@@ -9,6 +9,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -105,21 +106,26 @@ class ModelConfig:
 
 
 class LoadError(InputError):
-    """A model or tokenizer that cannot be loaded (train.py says where --model.name was set)."""
+    """What --model.`field` names (name, vision) cannot be loaded: one line that starts with the flag (train.py names
+    the --config file instead when the name came from it)."""
+
+    def __init__(self, field: str, name: str, reason: str):
+        super().__init__(f"--model.{field} {name}: {reason}")
+        self.field, self.name, self.reason = field, name, reason
 
 
-def pretrained(load: Callable, name: str, what: str):
+def pretrained(load: Callable, name: str, what: str, field: str = "name"):
     """`load(name)`; failing, one line saying what could not be loaded and what to pass instead."""
     local = Path(name).expanduser()
     if not local.is_dir() and name.startswith((".", "/", "~")):
-        raise LoadError(f"cannot load the {what}: no directory {local}")
+        raise LoadError(field, name, f"cannot load the {what}: no directory {local}")
     try:
         return load(str(local) if local.is_dir() else name)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if local.is_dir() else "not a local directory, and not on the hub"
         hint = "" if local.is_dir() else " or in its cache (offline? a mistyped name?)"
         raise LoadError(
-            f"cannot load the {what}: {reason}{hint}; pass a directory saved with save_pretrained"
+            field, name, f"cannot load the {what}: {reason}{hint}; pass a directory saved with save_pretrained"
         ) from None
 
 
@@ -132,10 +138,11 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_weights(auto, name: str, **kwargs):
+def load_weights(auto, name: str, field: str = "name", spare: Callable = lambda model: set(), **kwargs):
     """`auto.from_pretrained(name)` in float32. A checkpoint that lacks weights of the model its config describes
-    (another architecture, a broken save) is an error naming them, never a silently re-initialised model; weights
-    it has beyond the model are fine (heads left out: BERT's MLM head, CLIP's image tower)."""
+    (another architecture, a broken save) is an error naming them, never a silently re-initialised model, unless
+    `spare(model)` names them (weights the output does not depend on); weights it has beyond the model are fine
+    (heads left out: BERT's MLM head, CLIP's image tower)."""
     quiet_transformers()
     model, info = pretrained(
         lambda n: auto.from_pretrained(
@@ -143,13 +150,17 @@ def load_weights(auto, name: str, **kwargs):
         ),
         name,
         "model",
+        field,
     )
-    missing = sorted(info["missing_keys"] | {k[0] for k in info["mismatched_keys"]})
+    missing = info["missing_keys"] | {k[0] for k in info["mismatched_keys"]}
+    missing = sorted(missing - spare(model)) if missing else []
     if missing:
         raise LoadError(
+            field,
+            name,
             f"its checkpoint does not fit {type(model).__name__}, the model its config.json describes: "
             f"{len(missing)} weights missing or of another shape ({', '.join(missing[:2])}, ...), "
-            f"{len(info['unexpected_keys'])} unexpected ({', '.join(sorted(info['unexpected_keys'])[:2])}, ...)"
+            f"{len(info['unexpected_keys'])} unexpected ({', '.join(sorted(info['unexpected_keys'])[:2])}, ...)",
         )
     return model
 
@@ -273,51 +284,44 @@ class FeatureInput(nn.Module):
 def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
     """(tower, image processor) of --model.vision, the tower built without touching the global RNG (the rest of the
     model initialises as it would without it; `small` from `seed`). Loud: a directory that is not a vision model,
-    or lacks weights the patch tokens depend on, is one InputError line. Weights they do not depend on (CLIP's
+    or lacks weights the patch tokens depend on, is one LoadError line. Weights they do not depend on (CLIP's
     post_layernorm, pooling heads) are frozen: a fine-tuned tower leaves DDP no gradless weights."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, SiglipVisionConfig
     from transformers.models import siglip
 
-    from data import InputError, Pixels
+    from data import Pixels
 
-    tower, missing = None, []
+    def unused(tower) -> set[str]:  # the weights the patch tokens do not depend on: a backward pass on a blank image
+        tower.eval()(pixel_values=torch.zeros(1, 3, *Pixels(processor, 1).size)).last_hidden_state.sum().backward()
+        return {name for name, p in tower.named_parameters() if p.grad is None}
+
     quiet_transformers()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if cfg.vision == "small":
-                processor = getattr(siglip, "SiglipImageProcessorPil", None) or siglip.SiglipImageProcessor
-                processor, size = processor(size={"height": cfg.vision_size, "width": cfg.vision_size}), cfg.vision_size
-                config = SiglipVisionConfig(
-                    hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
-                    num_attention_heads=cfg.n_head, image_size=size, patch_size=size // 4, vision_use_head=False,
-                )  # fmt: skip
-                tower = None if processor_only else AutoModel.from_config(config)
-            else:  # the PIL backend: the same whether torchvision is installed or not
-                pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
-                processor = AutoImageProcessor.from_pretrained(cfg.vision, **pil)
-                config = AutoConfig.from_pretrained(cfg.vision)
-                config = getattr(config, "vision_config", None) or config  # a CLIP/SigLIP model: its vision half
-                if not processor_only:
-                    tower, info = AutoModel.from_pretrained(cfg.vision, config=config, output_loading_info=True)
-                    missing = info["missing_keys"]
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        reason = " ".join(str(e).split())[:300] or type(e).__name__
-        raise InputError(f"--model.vision {cfg.vision}: cannot load a vision model: {reason}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.vision == "small":
+            processor = getattr(siglip, "SiglipImageProcessorPil", None) or siglip.SiglipImageProcessor
+            processor, size = processor(size={"height": cfg.vision_size, "width": cfg.vision_size}), cfg.vision_size
+            config = SiglipVisionConfig(
+                hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, image_size=size, patch_size=size // 4, vision_use_head=False,
+            )  # fmt: skip
+            tower = None if processor_only else AutoModel.from_config(config)
+        else:  # the PIL backend: the same whether torchvision is installed or not
+            pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+            load = partial(AutoImageProcessor.from_pretrained, **pil)
+            processor = pretrained(load, cfg.vision, "image processor", "vision")
+            config = pretrained(AutoConfig.from_pretrained, cfg.vision, "model config", "vision")
+            config = getattr(config, "vision_config", None) or config  # a CLIP/SigLIP model: its vision half
+            if not hasattr(config, "patch_size"):
+                raise LoadError("vision", cfg.vision, f"{config.model_type} is not a ViT-style tower (patch tokens)")
+            tower = None if processor_only else load_weights(AutoModel, cfg.vision, "vision", unused, config=config)
     if processor_only:
         return None, processor
-    if not hasattr(tower.config, "patch_size"):
-        raise InputError(f"--model.vision {cfg.vision}: {type(tower).__name__} is not a ViT-style tower (patch tokens)")
-    unused = set()
-    if missing or not cfg.freeze_vision:  # which weights the patch tokens depend on: a backward pass on a blank image
-        tower.eval()(pixel_values=torch.zeros(1, 3, *Pixels(processor, 1).size)).last_hidden_state.sum().backward()
-        unused = {name for name, p in tower.named_parameters() if p.grad is None}
-    if set(missing) - unused:
-        raise InputError(f"--model.vision {cfg.vision}: weights missing from the checkpoint: {sorted(missing)[:3]}")
+    trained = set() if cfg.freeze_vision else {name for name, _ in tower.named_parameters()} - unused(tower)
     for name, p in tower.named_parameters():
         p.grad = None
-        p.requires_grad_(name not in unused and not cfg.freeze_vision)
+        p.requires_grad_(name in trained)
     return tower.eval(), processor
 
 
@@ -492,6 +496,23 @@ class VisualPrefixLM(nn.Module):
         return results
 
 
+def small_config(config_class, cfg: ModelConfig, vocab_size: int, **fields):
+    """The config of a small model (no --model.name) from --model.n-layer/n-head/n-embd/n-positions, in the names
+    every family takes (GPT-2 maps them onto its own), and the family's own `fields`."""
+    return config_class(
+        vocab_size=vocab_size,
+        hidden_size=cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        max_position_embeddings=cfg.n_positions,
+        # GPT-2's and BERT's 0.02 suits width 768; at a small width the model is slow to start reading its visual
+        # input: the embedded AVSD's answers do not depend on the video after 10 epochs with 0.02, they do from epoch
+        # 4 with 1/sqrt(width); the embedded SNLI-VE is at chance accuracy after 300 steps, at 96% after 100.
+        initializer_range=cfg.n_embd**-0.5,
+        **fields,
+    )
+
+
 def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
     """The LM: any causal LM from `cfg.name` (embeddings grown for the added tokens; frozen, LoRA, checkpointing
     as configured) or a small GPT-2 from a config. Generation follows only our flags (eos, pad, beams): a hub
@@ -506,22 +527,8 @@ def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
             lm.resize_token_embeddings(len(tokenizer))
         lm.config.update(ids)
     else:
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=cfg.n_positions,
-            n_embd=cfg.n_embd,
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            resid_pdrop=cfg.dropout,
-            embd_pdrop=cfg.dropout,
-            attn_pdrop=cfg.dropout,
-            # GPT-2's 0.02 suits width 768; at a small width the model is slow to start reading its visual input
-            # (the embedded AVSD's main job: with 0.02 its answers do not depend on the video after 10 epochs, with
-            # 1/sqrt(width) they do from epoch 4).
-            initializer_range=cfg.n_embd**-0.5,
-            **ids,
-        )
-        lm = GPT2LMHeadModel(config)
+        drop = dict(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
+        lm = GPT2LMHeadModel(small_config(GPT2Config, cfg, len(tokenizer), **drop, **ids))
     lm.generation_config = GenerationConfig(**ids)
     return adapt(lm, cfg)
 
@@ -587,21 +594,9 @@ def build_text_encoder(cfg: ModelConfig, tokenizer):
         if len(tokenizer) > encoder.get_input_embeddings().num_embeddings:
             encoder.resize_token_embeddings(len(tokenizer))
         return adapt(encoder, cfg)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.n_embd,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        intermediate_size=4 * cfg.n_embd,
-        max_position_embeddings=cfg.n_positions,
-        hidden_dropout_prob=cfg.dropout,
-        attention_probs_dropout_prob=cfg.dropout,
-        pad_token_id=tokenizer.pad_token_id,
-        # BERT's 0.02 suits width 768; at a small width the model sits on a loss plateau for hundreds of steps
-        # (embedded SNLI-VE: chance accuracy after 300 steps, against 96% after 100 with 1/sqrt(width)).
-        initializer_range=cfg.n_embd**-0.5,
-    )
-    return adapt(BertModel(config, add_pooling_layer=False), cfg)
+    drop = dict(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    fields = dict(intermediate_size=4 * cfg.n_embd, pad_token_id=tokenizer.pad_token_id, **drop)
+    return adapt(BertModel(small_config(BertConfig, cfg, len(tokenizer), **fields), add_pooling_layer=False), cfg)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

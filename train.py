@@ -860,15 +860,15 @@ def main(argv: list[str]) -> None:
     if cfg.evaluate and ckpt is None:
         raise InputError(f"--evaluate: no checkpoint to evaluate in {run_dir}")
     task = TASKS[name][0](cfg)
-    datasets = task.build_datasets()
     tokenizer_dir = (ckpt_path.parent if ckpt_path else run_dir) / "tokenizer"
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
+        datasets = task.build_datasets()
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = task.build_model(datasets["train"], tokenizer_dir)
     except LoadError as e:
-        preset = cfg.config is not None and not _flag_value(argv, "--model.name")  # the name is the --config file's
-        source = f"{cfg.config}: model.name" if preset else "--model.name"
-        raise InputError(f"{source} {cfg.model.name}: {e}") from None
+        if cfg.config is None or _flag_value(argv, f"--model.{e.field}"):
+            raise
+        raise InputError(f"{cfg.config}: model.{e.field} {e.name}: {e.reason}") from None  # the --config file's name
     # Frozen parameters are not saved: checkpoints hold their digest, and they must match it on loading.
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     digest = frozen_digest(model, frozen) if rank == 0 else None
