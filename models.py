@@ -58,8 +58,7 @@ class ModelConfig:
     the family calls them (peft's all-linear; the output head excluded), the QLoRA choice."""
     lm_lr: float | None = None
     """Peak learning rate of the language model or text encoder (its LoRA adapters with --model.lora-r); unset:
-    --lr. The projector and the task's new embeddings train at --lr (nanoVLM and LLaVA give the new projector a
-    higher rate than the pretrained backbones). --min-lr scales with it."""
+    --lr, the rate of the new projector and embeddings (nanoVLM, LLaVA: higher than the backbones'). Scales --min-lr."""
     grad_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass: less memory, about a third more compute."""
     chat_template: bool = False
@@ -73,8 +72,7 @@ class ModelConfig:
     ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
     freeze_vision: bool = True
     """Frozen tower (as BLIP-2): eval mode, no gradients, bf16 on GPU, not in the optimizer; checkpoints hold its
-    digest, not its weights (see README, lean checkpoints).
-    --model.no-freeze-vision fine-tunes it at --model.vision-lr."""
+    digest, not its weights (README: lean checkpoints). --model.no-freeze-vision fine-tunes it at --model.vision-lr."""
     vision_lr: float | None = None
     """Peak learning rate of the tower when fine-tuned; unset: --lr."""
     vision_tokens: int = 0
@@ -144,24 +142,17 @@ def load_weights(auto, name: str, field: str = "name", spare: Callable = lambda 
     `spare(model)` names them (weights the output does not depend on); weights it has beyond the model are fine
     (heads left out: BERT's MLM head, CLIP's image tower)."""
     quiet_transformers()
-    model, info = pretrained(
-        lambda n: auto.from_pretrained(
-            n, output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32, **kwargs
-        ),
-        name,
-        "model",
-        field,
-    )
+    kwargs |= dict(output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32)
+    model, info = pretrained(partial(auto.from_pretrained, **kwargs), name, "model", field)
     missing = info["missing_keys"] | {k[0] for k in info["mismatched_keys"]}
-    missing = sorted(missing - spare(model)) if missing else []
+    missing, unexpected = sorted(missing - spare(model)) if missing else [], sorted(info["unexpected_keys"])
     if missing:
-        raise LoadError(
-            field,
-            name,
+        reason = (
             f"its checkpoint does not fit {type(model).__name__}, the model its config.json describes: "
             f"{len(missing)} weights missing or of another shape ({', '.join(missing[:2])}, ...), "
-            f"{len(info['unexpected_keys'])} unexpected ({', '.join(sorted(info['unexpected_keys'])[:2])}, ...)",
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:2])}, ...)"
         )
+        raise LoadError(field, name, reason)
     return model
 
 
@@ -247,10 +238,8 @@ def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int],
         return front, [], tokenizer.eos_token_id
     if not tokenizer.chat_template:
         raise InputError(f"--model.chat-template: the tokenizer of {tokenizer.name_or_path} has no chat template")
-    user = tokenizer.apply_chat_template(
-        [{"role": "user", "content": mark}], add_generation_prompt=True, tokenize=False
-    )
     turns = [{"role": "user", "content": mark}, {"role": "assistant", "content": reply}]
+    user = tokenizer.apply_chat_template(turns[:1], add_generation_prompt=True, tokenize=False)
     end = ids(tokenizer.apply_chat_template(turns, tokenize=False).split(reply, 1)[1])
     before, after = user.split(mark)
     return ids(before), ids(after), end[0] if end else tokenizer.eos_token_id
@@ -326,13 +315,12 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
 
 
 class VisionTower(nn.Module):
-    """Raw pixels through a vision tower (see load_vision): `batch["pixels"]` (B, F, 3, H, W), F = 1 for images and
-    the sampled frames of a video, runs as (B*F, 3, H, W) and gives (B, F*K, D) patch tokens, K per frame (all the
-    patches, or --model.vision-tokens by average pooling over the patch grid), mask all True. Frozen: eval mode even
-    in a model in training mode, no gradients, bf16 autocast on GPU. Extra feature streams (`features`, e.g. VGGish
-    audio beside the frames) are aligned to the shorter and concatenated along the width, as FeatureStore aligns
-    streams: a cache of the tokens (--cache-features) read as a stream before the same extra streams gives the
-    same input. A batch without `pixels` carries tokens already encoded."""
+    """Raw pixels through a vision tower (load_vision): `batch["pixels"]` (B, F, 3, H, W), F frames (1 for an image),
+    runs as (B*F, 3, H, W) and gives (B, F*K, D) patch tokens, K per frame (every patch, or --model.vision-tokens by
+    average pooling over the patch grid), mask all True. Frozen: eval mode even in a model in training mode, no
+    gradients, bf16 autocast on GPU. Extra feature streams (`features`, e.g. VGGish audio) are aligned to the shorter
+    and concatenated along the width as FeatureStore aligns streams, so a --cache-features cache read before the same
+    streams gives the same input. A batch without `pixels` carries tokens already encoded."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, extra_dim: int = 0, extra_stats=None):
         super().__init__()
@@ -382,17 +370,13 @@ class VisionTower(nn.Module):
 
 
 class VisualPrefixLM(nn.Module):
-    """A causal LM whose input sequence mixes projected visual tokens and text (LAVIS's `gpt_dialogue`; the visual
-    prefix of BLIP-2 and LLaVA).
-
-    A batch is a packed sequence: `is_visual` marks the positions that take a visual token (`visual_index` says
-    which of the front end's tokens), all other positions take the embedding of `input_ids`. The task's marker
-    tokens (<speaker1>, <cap>, ...) have embeddings of our own (`markers`, initialised from the LM's rows for them
-    and read instead of those), so they train when the LM is frozen or under LoRA. `token_type_ids` (marker ids)
-    add the same embeddings: GPT-2's own token types (the type token's word embedding added to the input), for
-    every LM. Loss is summed over the labelled tokens and returned with their count, so the caller can normalise
-    over the whole global batch.
-    """
+    """A causal LM whose input mixes projected visual tokens and text (LAVIS's `gpt_dialogue`; the visual prefix of
+    BLIP-2 and LLaVA). `is_visual` marks the positions that take a visual token (`visual_index`: which of the front
+    end's), the others take the embedding of `input_ids`. The task's marker tokens (<speaker1>, <cap>, ...) have
+    embeddings of our own (`markers`, initialised from the LM's rows and read instead of them), so they train when the
+    LM is frozen or under LoRA; `token_type_ids` (marker ids) add the same embeddings, as GPT-2's token types do, for
+    every LM. The loss is summed over the labelled tokens and returned with their count: the caller normalises over
+    the global batch."""
 
     def __init__(self, lm, vision: nn.Module, markers: list[int], projector: str = "linear", video_loss_weight=0.0):
         super().__init__()
