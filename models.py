@@ -137,12 +137,12 @@ def quiet_transformers() -> None:
 
 
 def load_weights(auto, name: str, field: str = "name", spare: Callable = lambda model: set(), **kwargs):
-    """`auto.from_pretrained(name)` in float32. A checkpoint that lacks weights of the model its config describes
-    (another architecture, a broken save) is an error naming them, never a silently re-initialised model, unless
-    `spare(model)` names them (weights the output does not depend on); weights it has beyond the model are fine
-    (heads left out: BERT's MLM head, CLIP's image tower)."""
+    """`auto.from_pretrained(name)`, in float32 unless `kwargs` say. A checkpoint that lacks weights of the model its
+    config describes (another architecture, a broken save) is an error naming them, never a silently re-initialised
+    model, unless `spare(model)` names them (weights the output does not depend on); weights it has beyond the model
+    are fine (heads left out: BERT's MLM head, CLIP's image tower)."""
     quiet_transformers()
-    kwargs |= dict(output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32)
+    kwargs = dict(output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32) | kwargs
     model, info = pretrained(partial(auto.from_pretrained, **kwargs), name, "model", field)
     missing = info["missing_keys"] | {k[0] for k in info["mismatched_keys"]}
     missing, unexpected = sorted(missing - spare(model)) if missing else [], sorted(info["unexpected_keys"])
@@ -156,8 +156,10 @@ def load_weights(auto, name: str, field: str = "name", spare: Callable = lambda 
     return model
 
 
-def adapt(model, cfg: ModelConfig):
-    """--model.freeze-lm, --model.lora-r (peft), --model.grad-checkpointing on a transformers model."""
+def adapt(model, cfg: ModelConfig, tokenizer):
+    """Embeddings grown for added tokens; --model.freeze-lm, --model.lora-r (peft), --model.grad-checkpointing."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
     if cfg.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
     if cfg.freeze_lm:
@@ -304,7 +306,8 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
             config = getattr(config, "vision_config", None) or config  # a CLIP/SigLIP model: its vision half
             if not hasattr(config, "patch_size"):
                 raise LoadError("vision", cfg.vision, f"{config.model_type} is not a ViT-style tower (patch tokens)")
-            tower = None if processor_only else load_weights(AutoModel, cfg.vision, "vision", unused, config=config)
+            if not processor_only:  # in its checkpoint's dtype, unlike the LM
+                tower = load_weights(AutoModel, cfg.vision, "vision", unused, config=config, dtype="auto")
     if processor_only:
         return None, processor
     trained = set() if cfg.freeze_vision else {name for name, _ in tower.named_parameters()} - unused(tower)
@@ -507,14 +510,12 @@ def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad)
     if cfg.name is not None:
         lm = load_weights(AutoModelForCausalLM, cfg.name)
-        if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-            lm.resize_token_embeddings(len(tokenizer))
         lm.config.update(ids)
     else:
         drop = dict(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
         lm = GPT2LMHeadModel(small_config(GPT2Config, cfg, len(tokenizer), **drop, **ids))
     lm.generation_config = GenerationConfig(**ids)
-    return adapt(lm, cfg)
+    return adapt(lm, cfg, tokenizer)
 
 
 def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> None:
@@ -575,18 +576,11 @@ def build_text_encoder(cfg: ModelConfig, tokenizer):
         model_class = MODEL_MAPPING[type(getattr(config, "text_config", config))]
         pooler = "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
         encoder = load_weights(model_class, cfg.name, **({"add_pooling_layer": False} if pooler else {}))
-        if len(tokenizer) > encoder.get_input_embeddings().num_embeddings:
-            encoder.resize_token_embeddings(len(tokenizer))
-        return adapt(encoder, cfg)
+        return adapt(encoder, cfg, tokenizer)
     drop = dict(hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
     fields = dict(intermediate_size=4 * cfg.n_embd, pad_token_id=tokenizer.pad_token_id, **drop)
-    return adapt(BertModel(small_config(BertConfig, cfg, len(tokenizer), **fields), add_pooling_layer=False), cfg)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the real positions: (B, T, D), (B, T) bool → (B, D)."""
-    mask = mask.unsqueeze(-1).to(x.dtype)
-    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+    encoder = BertModel(small_config(BertConfig, cfg, len(tokenizer), **fields), add_pooling_layer=False)
+    return adapt(encoder, cfg, tokenizer)
 
 
 class DualEncoder(nn.Module):
@@ -609,7 +603,9 @@ class DualEncoder(nn.Module):
 
     def embed_images(self, batch: dict) -> torch.Tensor:
         tokens, mask = self.vision(batch)
-        pooled = masked_mean(self.projector(tokens), mask)
+        projected = self.projector(tokens)
+        mask = mask.unsqueeze(-1).to(projected.dtype)
+        pooled = (projected * mask).sum(1) / mask.sum(1).clamp(min=1)  # the mean over the real regions
         return nn.functional.normalize(self.image_proj(pooled).float(), dim=-1)
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
