@@ -65,11 +65,10 @@ class ModelConfig:
     """Generative tasks: wrap every prompt in the tokenizer's chat template as one user turn, the target being the
     assistant's reply, ended by the template's end-of-turn token (for instruction-tuned LMs)."""
     vision: str | None = None
-    """Read raw images/videos through this vision tower instead of pre-extracted features: a transformers vision
-    model by hub name or local directory (CLIP, SigLIP/SigLIP2, ViT, DINOv2, ...; of a CLIP/SigLIP checkpoint its
-    vision half) with its image processor, or `small`: a small SigLIP-style tower from a config (--model.vision-size
-    px, --model.n-layer/n-head/n-embd), random init, no download. Images: ROOT/images/{entry's "image"}; videos:
-    ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
+    """Read raw images/videos through this vision tower instead of pre-extracted features: a transformers vision model
+    (CLIP, SigLIP/SigLIP2, ViT, DINOv2, ...; of a CLIP/SigLIP checkpoint its vision half) and its image processor, by
+    hub name or local directory; `small`: a random SigLIP-style tower (--model.vision-size, n-layer, n-head, n-embd),
+    no download. Images: ROOT/images/{entry's "image"}; videos: ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
     freeze_vision: bool = True
     """Frozen tower (as BLIP-2): eval mode, no gradients, bf16 on GPU, not in the optimizer; checkpoints hold its
     digest, not its weights (README: lean checkpoints). --model.no-freeze-vision fine-tunes it at --model.vision-lr."""
@@ -100,7 +99,7 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading pretrained models and tokenizers
+# Loading pretrained models; tokenizers
 
 
 class LoadError(InputError):
@@ -178,10 +177,6 @@ def adapt(model, cfg: ModelConfig, tokenizer):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
 def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str], template: str | None = None):
     """A byte-level BPE trained on the given text: deterministic for the same text, no download. `template`: what
     encoding a text adds around it (`[CLS] $A [SEP]`)."""
@@ -253,10 +248,9 @@ def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int],
 
 
 class FeatureInput(nn.Module):
-    """Pre-extracted features: `batch["features"]` (B, T, D) and `batch["feature_mask"]` (B, T), True on real
-    frames, standardised per dimension when given `stats` (mean, std of the training split: buffers, so they travel
-    in checkpoints), else as they are. Any front end (a vision tower on `batch["pixels"]`) has the same interface:
-    `dim` and `forward(batch) -> (tokens, mask)`."""
+    """Pre-extracted features: `batch["features"]` (B, T, D), `batch["feature_mask"]` (B, T) True on real frames,
+    standardised per dimension with `stats` (the training split's mean and std: buffers, so checkpoints hold them).
+    Every front end (VisionTower too) has this interface: `dim` and `forward(batch) -> (tokens, mask)`."""
 
     def __init__(self, dim: int, stats: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()

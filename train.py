@@ -29,7 +29,7 @@ from models import LoadError
 from tasks import TASKS, TaskConfig, config_to_dict, load_preset, unknown_task_message
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line, run directory, checkpoints, logging
 
 
 def parse_config(argv: list[str]) -> tuple[str, TaskConfig]:
@@ -57,10 +57,6 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run directory, checkpoints, logging
 
 
 def agree(rank: int, decide):
@@ -351,11 +347,8 @@ def init_wandb(cfg: TaskConfig, task: str, run_dir: Path, run_id: str | None):
     import wandb
 
     if mode == "online" and not wandb_credentials():
-        print(
-            f"wandb: no credentials (WANDB_API_KEY or `wandb login`): logging offline to {run_dir}/wandb; "
-            "upload later with `wandb sync`",
-            file=sys.stderr,
-        )
+        why = "no credentials (WANDB_API_KEY or `wandb login`)"
+        print(f"wandb: {why}: logging offline to {run_dir}/wandb; upload later with `wandb sync`", file=sys.stderr)
         mode = "offline"
     kwargs = dict(
         project=cfg.wandb.project,
@@ -386,7 +379,7 @@ def export(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data loading, optimizer and schedule
+# Data loading, optimizer, schedule; model FLOPs utilisation (GPU)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TaskConfig, fused: bool) -> torch.optim.AdamW:
@@ -412,9 +405,6 @@ def lr_factor(step: int, cfg: TaskConfig, total_steps: int) -> float:
     floor = cfg.min_lr / cfg.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model FLOPs utilisation (GPU)
 
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name() (first match wins).
 PEAK_BF16_FLOPS = [
