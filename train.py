@@ -29,7 +29,7 @@ from models import LoadError
 from tasks import TASKS, TaskConfig, config_to_dict, load_preset, unknown_task_message
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line, run directory, checkpoints, logging
 
 
 def parse_config(argv: list[str]) -> tuple[str, TaskConfig]:
@@ -57,10 +57,6 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run directory, checkpoints, logging
 
 
 def agree(rank: int, decide):
@@ -191,7 +187,7 @@ def save_checkpoint(state: dict, run_dir: Path, is_best: bool, keep_last: int, s
     """ckpt_step{N}.pt, then the ckpt_last.pt (and ckpt_best.pt) symlinks move to it: they only ever point to a
     complete file, so `--resume auto` never picks a checkpoint it cannot read. Keeps the newest `keep_last` step
     checkpoints plus the best one. `sharded` (--fsdp): `state` joins the shards all ranks wrote into
-    ckpt_step{N}.dcp.tmp (save_shards), renamed ckpt_step{N}.dcp then; pointers ckpt_last.dcp, ckpt_best.dcp."""
+    ckpt_step{N}.dcp.tmp (TrainState.save), renamed ckpt_step{N}.dcp then; pointers ckpt_last.dcp, ckpt_best.dcp."""
     suffix = ".dcp" if sharded else ".pt"
     path = run_dir / f"ckpt_step{state['step']:08d}{suffix}"
     if sharded:
@@ -205,9 +201,9 @@ def save_checkpoint(state: dict, run_dir: Path, is_best: bool, keep_last: int, s
         write_atomically(path, lambda tmp: torch.save(state, tmp))
     fsync_dir(run_dir)  # the rename itself must be on disk before a pointer names the checkpoint
     point(run_dir / f"ckpt_last{suffix}", path.name)
-    if is_best:
-        point(run_dir / f"ckpt_best{suffix}", path.name)
     best = run_dir / f"ckpt_best{suffix}"
+    if is_best:
+        point(best, path.name)
     kept = {best.resolve().name} if best.exists() else set()
     for old in sorted(run_dir.glob(f"ckpt_step*{suffix}"))[:-keep_last]:
         if old.name not in kept:
@@ -351,11 +347,8 @@ def init_wandb(cfg: TaskConfig, task: str, run_dir: Path, run_id: str | None):
     import wandb
 
     if mode == "online" and not wandb_credentials():
-        print(
-            f"wandb: no credentials (WANDB_API_KEY or `wandb login`): logging offline to {run_dir}/wandb; "
-            "upload later with `wandb sync`",
-            file=sys.stderr,
-        )
+        why = "no credentials (WANDB_API_KEY or `wandb login`)"
+        print(f"wandb: {why}: logging offline to {run_dir}/wandb; upload later with `wandb sync`", file=sys.stderr)
         mode = "offline"
     kwargs = dict(
         project=cfg.wandb.project,
@@ -386,7 +379,7 @@ def export(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data loading, optimizer and schedule
+# Data loading, optimizer, schedule; model FLOPs utilisation (GPU)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TaskConfig, fused: bool) -> torch.optim.AdamW:
@@ -413,9 +406,6 @@ def lr_factor(step: int, cfg: TaskConfig, total_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model FLOPs utilisation (GPU)
-
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name() (first match wins).
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12),
@@ -439,13 +429,12 @@ def peak_bf16_flops(device: torch.device) -> float | None:
 
 
 def train_flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
-    """Training FLOPs per token (PaLM, appendix B), matmuls only: a weight costs 2 FLOPs per token forward, 2 for
-    its input's gradient and 2 for its own gradient. So 6 per trainable weight; 4 per frozen weight that gradients
-    pass through (a frozen LM under a trainable projector); 2 per frozen weight of the visual front end (`vision.*`:
-    nothing before it trains, so it runs forward only). Embedding tables are lookups (no FLOPs) unless tied to the
-    output head (GPT-2's). Attention scores and values: 12 x layers x width x sequence length (forward and backward,
-    from the first config with num_hidden_layers and hidden_size, which every family has or aliases: GPT-2's n_layer
-    and n_embd). The feature projection is counted for every token (it runs on the video positions only)."""
+    """Training FLOPs per token (PaLM, appendix B), matmuls only: a weight costs 2 FLOPs forward, 2 for its input's
+    gradient, 2 for its own: 6 per trainable weight, 4 per frozen one that gradients pass through (a frozen LM under a
+    trainable projector), 2 per frozen weight of the visual front end (`vision.*`: forward only). Embedding tables are
+    lookups (no FLOPs) unless tied to the output head (GPT-2's). Attention scores and values: 12 x layers x width x
+    sequence length, from the first config with num_hidden_layers and hidden_size (every family has or aliases them).
+    The feature projection is counted for every token (it runs on the video positions only)."""
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     matmuls = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding) for p in m.parameters(False)}
     weights = sum(
@@ -544,17 +533,6 @@ def gather_weights(model: torch.nn.Module, gathered: bool) -> None:
     for unit in units:
         unit.set_reshard_after_forward(not gathered and unit is not model, recurse=False)  # FSDP2's defaults
         unit.unshard() if gathered else unit.reshard()
-
-
-def save_shards(model: torch.nn.Module, optimizer, frozen: set[str], path: Path) -> None:
-    """Every rank: its shards of the weights (not the frozen ones) and of the optimizer state into `path`.tmp with
-    torch.distributed.checkpoint (files of a save killed midway are overwritten); save_checkpoint completes it."""
-    from torch.distributed.checkpoint import save
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    weights, optimizer_state = get_state_dict(model, optimizer)
-    weights = {k: v for k, v in weights.items() if k not in frozen}
-    save({"model": weights, "optimizer": optimizer_state}, checkpoint_id=path.with_name(path.name + ".tmp"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -808,8 +786,9 @@ class TrainState:
         return metrics
 
     def save(self, step: int, metrics: dict[str, float]) -> None:
-        """Every rank: the RNG states are gathered to rank 0, which writes the rest to a file, or beside the shards
-        every rank wrote (--fsdp). `metrics`: the evaluation's, empty if none ran."""
+        """Every rank: all but the frozen weights. --fsdp: each rank's shards into STEP.dcp.tmp (files of a save killed
+        midway are overwritten), rank 0 the rest beside them; else rank 0 writes it all to a file (save_checkpoint).
+        `metrics`: the evaluation's, empty if none ran."""
         cfg, best, value = self.cfg, self.best, metrics.get(self.cfg.best_metric)
         improved = (
             value is not None
@@ -822,13 +801,20 @@ class TrainState:
             rng = [None] * self.world if self.rank == 0 else None
             dist.gather_object(rng_state(), rng, dst=0)
         if cfg.fsdp:
-            save_shards(self.model, self.optimizer, self.frozen, self.run_dir / f"ckpt_step{step:08d}.dcp")
+            from torch.distributed.checkpoint import save
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            weights, optimizer = get_state_dict(self.model, self.optimizer)
+        else:
+            weights, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        tensors = {"model": {k: v for k, v in weights.items() if k not in self.frozen}, "optimizer": optimizer}
+        if cfg.fsdp:
+            save(tensors, checkpoint_id=self.run_dir / f"ckpt_step{step:08d}.dcp.tmp")
         if self.rank == 0:
             state = {"scheduler": self.scheduler.state_dict(), "step": step, "best": self.best}
             state |= {"window": self.window.cpu(), "rng": rng, **self.saved}
             if not cfg.fsdp:
-                weights = {k: v for k, v in self.model.state_dict().items() if k not in self.frozen}
-                state.update(model=weights, optimizer=self.optimizer.state_dict())
+                state |= tensors
             save_checkpoint(state, self.run_dir, improved, cfg.keep_last, sharded=cfg.fsdp)
 
     def load_best(self) -> None:
@@ -860,15 +846,15 @@ def main(argv: list[str]) -> None:
     if cfg.evaluate and ckpt is None:
         raise InputError(f"--evaluate: no checkpoint to evaluate in {run_dir}")
     task = TASKS[name][0](cfg)
-    datasets = task.build_datasets()
     tokenizer_dir = (ckpt_path.parent if ckpt_path else run_dir) / "tokenizer"
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
+        datasets = task.build_datasets()
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = task.build_model(datasets["train"], tokenizer_dir)
     except LoadError as e:
-        preset = cfg.config is not None and not _flag_value(argv, "--model.name")  # the name is the --config file's
-        source = f"{cfg.config}: model.name" if preset else "--model.name"
-        raise InputError(f"{source} {cfg.model.name}: {e}") from None
+        if cfg.config is None or _flag_value(argv, f"--model.{e.field}"):
+            raise
+        raise InputError(f"{cfg.config}: model.{e.field} {e.name}: {e.reason}") from None  # the --config file's name
     # Frozen parameters are not saved: checkpoints hold their digest, and they must match it on loading.
     frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     digest = frozen_digest(model, frozen) if rank == 0 else None

@@ -240,7 +240,7 @@ def test_fsdp_with_compile_is_refused(capsys):
 def test_a_kill_mid_save_leaves_the_last_sharded_checkpoint_readable_and_retention_removes_directories(tmp_path):
     cfg = mock.Mock(resume="auto", fsdp=True)
 
-    def save(step: int, best: bool = False) -> None:  # what save_shards leaves: the shard files in STEP.dcp.tmp
+    def save(step: int, best: bool = False) -> None:  # what TrainState.save leaves: the shard files in STEP.dcp.tmp
         shards = tmp_path / f"ckpt_step{step:08d}.dcp.tmp"
         shards.mkdir(exist_ok=True)
         (shards / "__0_0.distcp").write_bytes(b"shard")

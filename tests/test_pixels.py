@@ -169,7 +169,7 @@ def test_a_saved_tower_loads_by_path_as_its_vision_half(towers, family):
 def test_loading_is_loud(towers, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    with pytest.raises(InputError, match=f"--model.vision {tmp_path}: cannot load a vision model") as error:
+    with pytest.raises(InputError, match=f"--model.vision {tmp_path}: cannot load the image processor") as error:
         models.VisionTower(models.ModelConfig(vision=str(tmp_path)))
     assert "\n" not in str(error.value)
     broken = tmp_path / "broken"
@@ -177,9 +177,7 @@ def test_loading_is_loud(towers, tmp_path):
     weights = load_file(broken / "model.safetensors")
     del weights["vision_model.encoder.layers.0.mlp.fc1.weight"]
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(
-        InputError, match=r"weights missing from the checkpoint: .*encoder\.layers\.0\.mlp\.fc1\.weight"
-    ):
+    with pytest.raises(InputError, match=r"1 weights missing or of another shape \(encoder\.layers\.0\.mlp\.fc1\."):
         models.VisionTower(models.ModelConfig(vision=str(broken)))
 
 

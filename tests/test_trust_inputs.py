@@ -283,6 +283,18 @@ def test_a_model_that_does_not_load_is_one_message_and_creates_nothing(root, tmp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("from_preset", [True, False])
+def test_a_tower_that_does_not_load_names_the_preset_or_the_flag_that_named_it(root, tmp_path, from_preset):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("model:\n  vision: /no/such/dir\n")
+    flags = ["--config", str(preset)] if from_preset else ["--model.vision", "/no/such/dir"]
+    with pytest.raises(InputError) as error:
+        train.main(["dialogue", *flags, "--data.root", str(root), "--output-dir", str(tmp_path / "run")])
+    source = f"{preset}: model.vision" if from_preset else "--model.vision"
+    assert str(error.value) == f"{source} /no/such/dir: cannot load the image processor: no directory /no/such/dir"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_preset_hub_model_offline_is_one_line_naming_the_preset_and_creates_no_run_dir(tiny_root, tmp_path):
     preset = ROOT / "configs" / "dialogue_avsd_ft.yaml"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "XDG_CACHE_HOME": str(tmp_path / "cache")}
