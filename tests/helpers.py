@@ -68,6 +68,8 @@ LM_FAMILIES = {
     "llama": (["<unk>", "<s>", "</s>"], "<s>", "</s>", None, True),  # no pad
     "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>", "<|endoftext|>", False),
     "opt": (["<pad>", "</s>", "<unk>"], "</s>", "</s>", "<pad>", True),  # bos == eos
+    "mistral": (["<unk>", "<s>", "</s>"], "<s>", "</s>", None, True),  # as Llama: no pad
+    "phi": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", None, False),  # Phi-2: GPT-2's tokenizer
 }
 QWEN_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -92,7 +94,15 @@ def save_lm_family(
     into `directory`."""
     import torch
     from tokenizers import processors
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        PhiConfig,
+        Qwen2Config,
+    )
 
     import models
 
@@ -119,6 +129,8 @@ def save_lm_family(
         "llama": lambda: LlamaConfig(num_key_value_heads=1, intermediate_size=2 * width, **blocks, **ids),
         "qwen2": lambda: Qwen2Config(num_key_value_heads=1, intermediate_size=2 * width, **blocks, **ids),
         "opt": lambda: OPTConfig(ffn_dim=2 * width, word_embed_proj_dim=width, **blocks, **ids),
+        "mistral": lambda: MistralConfig(num_key_value_heads=1, intermediate_size=2 * width, **blocks, **ids),
+        "phi": lambda: PhiConfig(intermediate_size=2 * width, partial_rotary_factor=0.5, **blocks, **ids),
     }[family]()
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)

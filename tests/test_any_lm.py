@@ -1,7 +1,7 @@
-"""Any causal LM for the generative tasks: tiny random-init GPT-2, Llama, Qwen2 and OPT saved with save_pretrained
-beside tokenizers with their family's quirks (tests/helpers.py), trained in-process on tiny embedded data, evaluated
-with beam search and resumed exactly; freeze-lm, LoRA, export; batched generation and VQA ranking per family; the
-shared type embeddings against GPT-2's own token types."""
+"""Any causal LM for the generative tasks: tiny random-init GPT-2, Llama, Qwen2, OPT, Mistral and Phi saved with
+save_pretrained beside tokenizers with their family's quirks (tests/helpers.py), trained in-process on tiny embedded
+data, evaluated with beam search and resumed exactly; freeze-lm, LoRA, export; batched generation and VQA ranking per
+family; the shared type embeddings against GPT-2's own token types."""
 
 import dataclasses
 import json
@@ -23,6 +23,8 @@ FAMILY_FLAGS = {
     "llama": ["--model.freeze-lm", "--model.grad-checkpointing"],
     "qwen2": ["--model.lora-r", "4", "--model.lora-alpha", "32", "--model.chat-template"],
     "opt": ["--model.projector", "mlp", "--model.lm-lr", "3e-4"],
+    "mistral": ["--model.lora-r", "4"],
+    "phi": ["--model.freeze-lm"],
 }
 COMMON = ["--batch-size", "4", "--eval-batch-size", "2", "--num-beams", "2", "--max-len", "6"]
 COMMON += ["--data.num-workers", "0", "--warmup-steps", "0", "--lr", "3e-3", "--model.dropout", "0"]
@@ -30,7 +32,7 @@ COMMON += ["--data.num-workers", "0", "--warmup-steps", "0", "--lr", "3e-3", "--
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
-    """Tiny embedded datasets (no test split) and the four families' checkpoints."""
+    """Tiny embedded datasets (no test split) and every family's checkpoint."""
     base = tmp_path_factory.mktemp("any_lm")
     with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 4, "val": 3}, clear=True):
         data.make_embedded_avsd(base / "avsd")
