@@ -21,6 +21,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def step_metrics(run_dir: Path) -> dict[int, dict]:
+    """step → everything logged at that step, throughput (timing: samples/s, tokens/s, MFU) left out."""
+    merged = {}
+    for entry in read_metrics(run_dir):
+        timing = {k for k in entry if k.endswith(("_per_s", "/mfu"))}
+        merged.setdefault(entry.pop("step"), {}).update({k: v for k, v in entry.items() if k not in timing})
+    return merged
+
+
 def untrained_metrics(task_name: str, tmp_path: Path, seed: int = 42) -> dict[str, float]:
     """Val metrics of the task's freshly initialised model (the baseline a training run must beat clearly)."""
     import torch
@@ -174,6 +183,13 @@ def save_encoder_family(family: str, directory: Path, width: int = 32) -> Path:
         model = hf.AutoModel.from_config(config)
     model.save_pretrained(directory)
     return directory
+
+
+def generate_batched_and_alone(task, model, samples: list, max_len: int) -> tuple[list, list]:
+    """Beam search (3 beams, --min-len 2) over the samples as one left-padded batch, and over each one alone."""
+    eos, pad = task.token["<eos>"], task.token["<pad>"]
+    generate = partial(model.generate, num_beams=3, max_len=max_len, min_len=2, eos_id=eos, pad_id=pad)
+    return generate(task.collate(samples, train=False)), [generate(task.collate([s], train=False))[0] for s in samples]
 
 
 def comparable_weights(state: dict) -> dict:

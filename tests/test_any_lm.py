@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import save_lm_family
+from helpers import generate_batched_and_alone, save_lm_family
 
 import data
 import models
@@ -185,12 +185,7 @@ def test_left_padded_batched_generation_and_ranking_equal_one_by_one(roots, fami
     samples = [datasets["val"][i] for i in range(len(datasets["val"]))]
     batch = task.collate(samples, train=False)
     assert (batch["attention_mask"][:, 0] == 0).any(), "prompts must differ in length to test left padding"
-    eos, pad = task.token["<eos>"], task.token["<pad>"]
-    batched = model.generate(batch, num_beams=3, max_len=6, min_len=2, eos_id=eos, pad_id=pad)
-    alone = [
-        model.generate(task.collate([s], train=False), num_beams=3, max_len=6, min_len=2, eos_id=eos, pad_id=pad)[0]
-        for s in samples
-    ]
+    batched, alone = generate_batched_and_alone(task, model, samples, max_len=6)
     assert batched == alone and all(len(ids) >= 2 for ids in batched)
     assert not {t for ids in batched for t in ids} & set(model.marker_ids.tolist())
     assert len({tuple(ids) for ids in batched}) > 1, "a degenerate model would pass trivially"

@@ -19,7 +19,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import comparable_weights
+from helpers import comparable_weights, step_metrics
 
 import data
 import tasks
@@ -76,12 +76,7 @@ def torchrun(env, *args) -> subprocess.CompletedProcess:
     return proc
 
 
-def metrics(out: Path) -> dict[int, dict]:
-    merged = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        merged.setdefault(entry.pop("step"), {}).update({k: v for k, v in entry.items() if "per_s" not in k})
-    return merged
+metrics = step_metrics
 
 
 def sharded_weights(path: Path, tmp: Path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import generate_batched_and_alone
 
 import data
 from models import ModelConfig
@@ -67,12 +68,7 @@ def test_batched_beam_search_equals_one_by_one(task_and_model):
     batch = task.collate(samples, train=False)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "prompts must differ in length to test padding"
     assert (batch["attention_mask"][:, 0] == 0).any(), "evaluation batches are left-padded"
-    eos, pad = task.token["<eos>"], task.token["<pad>"]
-    batched = model.generate(batch, num_beams=3, max_len=8, min_len=2, eos_id=eos, pad_id=pad)
-    alone = [
-        model.generate(task.collate([s], train=False), num_beams=3, max_len=8, min_len=2, eos_id=eos, pad_id=pad)[0]
-        for s in samples
-    ]
+    batched, alone = generate_batched_and_alone(task, model, samples, max_len=8)
     assert batched == alone
     assert all(len(ids) >= 2 for ids in batched)
     assert len({tuple(ids) for ids in batched}) > 1, "a degenerate model would pass trivially"

@@ -20,7 +20,6 @@ import tasks
 import train
 from data import InputError
 
-THROUGHPUT = ("train/samples_per_s", "train/tokens_per_s", "val/samples_per_s", "test/samples_per_s")
 TINY = ["--model.n-layer", "1", "--model.n-embd", "32", "--model.n-head", "2", "--num-beams", "1", "--max-len", "4"]
 TINY += ["--log-every", "1", "--warmup-steps", "2", "--lr", "3e-3", "--no-report-metric", "--batch-size", "4"]
 

@@ -5,7 +5,6 @@ another real run. Runs shared by several tests (the references) are made once pe
 metrics then use the Python tokenizer and skip METEOR, which saves seconds per evaluation.
 """
 
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import comparable_weights
+from helpers import comparable_weights, step_metrics
 
 import data
 
@@ -28,7 +27,6 @@ TINY = [
 ]  # fmt: skip
 # No dropout where runs with different rank/micro-batch layouts are compared: their dropout draws differ by design.
 EXACT = ["--model.dropout", "0", "--max-steps", "6"]
-THROUGHPUT = ("train/samples_per_s", "train/tokens_per_s", "train/mfu", "val/samples_per_s", "test/samples_per_s")
 pytestmark = pytest.mark.slow  # real training runs, many under torchrun (~2-3 min on 2 cores)
 WORKERS = ["--data.num-workers", "2"]  # where the data position and worker seeding matter: resume
 DROPOUT = ["--model.dropout", "0.1"]  # (the default is 0) where restoring every rank's RNG state matters: resume
@@ -78,13 +76,7 @@ def run(env, out: Path, *args, procs: int = 0, restarts: int = 0, extra_env=None
     return proc
 
 
-def metrics(out: Path) -> dict[int, dict]:
-    """step → everything logged at that step, throughput (timing) left out."""
-    merged = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        merged.setdefault(entry.pop("step"), {}).update({k: v for k, v in entry.items() if k not in THROUGHPUT})
-    return merged
+metrics = step_metrics
 
 
 def losses(out: Path) -> dict[int, float]:
