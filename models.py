@@ -403,18 +403,14 @@ class VisualPrefixLM(nn.Module):
         text = torch.where(is_marker, own, self.lm.get_input_embeddings()(batch["input_ids"]))
         visual = self.projector(self.vision(batch)[0].to(text.dtype))
         index = batch["visual_index"].unsqueeze(-1).expand(-1, -1, visual.shape[-1])
-        visual = visual.gather(1, index)
-        return (
-            torch.where(batch["is_visual"].unsqueeze(-1), visual, text) + self.marker_embeds(batch["token_type_ids"])[0]
-        )
+        mixed = torch.where(batch["is_visual"].unsqueeze(-1), visual.gather(1, index), text)
+        return mixed + self.marker_embeds(batch["token_type_ids"])[0]
 
     def run_lm(self, batch: dict, hidden_states: bool = False):
-        mask = batch["attention_mask"]
+        mask, embeds = batch["attention_mask"], self.embed(batch)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return self.lm(
-            inputs_embeds=self.embed(batch),
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            output_hidden_states=hidden_states,
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_hidden_states=hidden_states
         )
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -455,43 +451,25 @@ class VisualPrefixLM(nn.Module):
         hook = self.lm.get_input_embeddings().register_forward_hook(
             lambda module, args, out: out + types.repeat_interleave(len(out) // len(types), 0).to(out.dtype)
         )
+        search = dict(num_beams=num_beams, max_new_tokens=max_len, min_new_tokens=min_len, do_sample=False)
+        search |= dict(eos_token_id=eos_id, pad_token_id=pad_id, suppress_tokens=self.marker_ids.tolist())
         try:
-            out = self.lm.generate(
-                inputs_embeds=embeds,
-                attention_mask=batch["attention_mask"],
-                num_beams=num_beams,
-                max_new_tokens=max_len,
-                min_new_tokens=min_len,
-                do_sample=False,
-                eos_token_id=eos_id,
-                pad_token_id=pad_id,
-                suppress_tokens=self.marker_ids.tolist(),
-            )
+            out = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **search)
         finally:
             hook.remove()
-        results = []
-        for row in out.tolist():
-            if eos_id in row:
-                row = row[: row.index(eos_id)]
-            results.append([t for t in row if t != pad_id])
-        return results
+        rows = [row[: row.index(eos_id)] if eos_id in row else row for row in out.tolist()]
+        return [[t for t in row if t != pad_id] for row in rows]
 
 
 def small_config(config_class, cfg: ModelConfig, vocab_size: int, **fields):
     """The config of a small model (no --model.name) from --model.n-layer/n-head/n-embd/n-positions, in the names
     every family takes (GPT-2 maps them onto its own), and the family's own `fields`."""
-    return config_class(
-        vocab_size=vocab_size,
-        hidden_size=cfg.n_embd,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        max_position_embeddings=cfg.n_positions,
-        # GPT-2's and BERT's 0.02 suits width 768; at a small width the model is slow to start reading its visual
-        # input: the embedded AVSD's answers do not depend on the video after 10 epochs with 0.02, they do from epoch
-        # 4 with 1/sqrt(width); the embedded SNLI-VE is at chance accuracy after 300 steps, at 96% after 100.
-        initializer_range=cfg.n_embd**-0.5,
-        **fields,
-    )
+    sizes = dict(vocab_size=vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer)
+    sizes |= dict(num_attention_heads=cfg.n_head, max_position_embeddings=cfg.n_positions)
+    # GPT-2's and BERT's 0.02 suits width 768; at a small width the model is slow to start reading its visual
+    # input: the embedded AVSD's answers do not depend on the video after 10 epochs with 0.02, they do from epoch
+    # 4 with 1/sqrt(width); the embedded SNLI-VE is at chance accuracy after 300 steps, at 96% after 100.
+    return config_class(**sizes, initializer_range=cfg.n_embd**-0.5, **fields)
 
 
 def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):

@@ -296,11 +296,8 @@ class Logger:
         if self.enabled and resumed_step is not None and path.is_file():
             # Steps after the checkpoint being resumed will be run (and logged) again: drop their old lines, so
             # metrics.jsonl reads as if the run had never been interrupted.
-            kept = [
-                line
-                for line in path.read_text().splitlines(True)
-                if line.endswith("\n") and json.loads(line)["step"] <= resumed_step
-            ]
+            lines = path.read_text().splitlines(True)
+            kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
             write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
         self.file = open(path, "a") if self.enabled else None  # noqa: SIM115
         self.wandb = init_wandb(cfg, task, run_dir, wandb_id) if self.enabled else None
@@ -350,20 +347,13 @@ def init_wandb(cfg: TaskConfig, task: str, run_dir: Path, run_id: str | None):
         why = "no credentials (WANDB_API_KEY or `wandb login`)"
         print(f"wandb: {why}: logging offline to {run_dir}/wandb; upload later with `wandb sync`", file=sys.stderr)
         mode = "offline"
-    kwargs = dict(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        name=cfg.wandb.name or run_dir.name,
-        dir=str(run_dir),
-        config={"task": task, **config_to_dict(cfg)},
-        id=run_id,
-        resume="allow",
-    )
+    run = dict(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or run_dir.name, id=run_id)
+    run |= dict(dir=str(run_dir), config={"task": task, **config_to_dict(cfg)}, resume="allow")
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30, silent=True), **kwargs)
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30, silent=True), **run)
     except Exception as e:  # wandb raises its own error types on connection problems
         print(f"wandb: online init failed ({e}); logging offline", file=sys.stderr)
-        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **run)
 
 
 def export(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> None:
@@ -407,22 +397,13 @@ def lr_factor(step: int, cfg: TaskConfig, total_steps: int) -> float:
 
 
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name() (first match wins).
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-]
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+PEAK_BF16_FLOPS |= {"L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
-    peak = next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
     if peak is None:
         print(f"train/mfu not logged: no peak FLOP/s known for {name} (add it to PEAK_BF16_FLOPS)", file=sys.stderr)
     return peak
@@ -789,12 +770,8 @@ class TrainState:
         """Every rank: all but the frozen weights. --fsdp: each rank's shards into STEP.dcp.tmp (files of a save killed
         midway are overwritten), rank 0 the rest beside them; else rank 0 writes it all to a file (save_checkpoint).
         `metrics`: the evaluation's, empty if none ran."""
-        cfg, best, value = self.cfg, self.best, metrics.get(self.cfg.best_metric)
-        improved = (
-            value is not None
-            and math.isfinite(value)
-            and (best is None or (value > best if cfg.best_mode == "max" else value < best))
-        )
+        cfg, best, value = self.cfg, self.best, metrics.get(self.cfg.best_metric, math.nan)
+        improved = math.isfinite(value) and (best is None or (value > best if cfg.best_mode == "max" else value < best))
         self.best = value if improved else best
         rng = [rng_state()]
         if dist.is_initialized():
