@@ -167,11 +167,9 @@ def adapt(model, cfg: ModelConfig, tokenizer):
         from peft import LoraConfig, get_peft_model
 
         targets = list(cfg.lora_targets) or "all-linear"
-        lora = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
-        )
+        lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
         try:
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, LoraConfig(**lora, target_modules=targets))
         except ValueError as e:  # target modules not found
             raise InputError(f"--model.lora-targets {' '.join(cfg.lora_targets)}: {e}") from None
     return model
@@ -186,11 +184,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(texts, trainer)
     if template is not None:
@@ -199,9 +195,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def build_tokenizer(
-    cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts: Callable[[], Iterable[str]], template=None
-):
+def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts: Callable, template=None):
     """The run's tokenizer: pretrained (`cfg.name`), the run's own (`tokenizer_dir`, resuming), or a BPE trained on
     `texts()` with `specials` (and `template`, see train_tokenizer). A loaded tokenizer keeps its own special tokens
     (bos, eos, pad: its LM was trained with them) and gets only the task's `additional_special_tokens`."""
@@ -473,9 +467,8 @@ def small_config(config_class, cfg: ModelConfig, vocab_size: int, **fields):
 
 
 def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
-    """The LM: any causal LM from `cfg.name` (embeddings grown for the added tokens; frozen, LoRA, checkpointing
-    as configured) or a small GPT-2 from a config. Generation follows only our flags (eos, pad, beams): a hub
-    model's own sampling defaults (temperature, repetition penalty) are dropped."""
+    """The LM: any causal LM from `cfg.name` or a small GPT-2 from a config, then `adapt`ed. Generation follows only
+    our flags (eos, pad, beams): a hub model's own sampling defaults (temperature, repetition penalty) are dropped."""
     from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     quiet_transformers()
@@ -536,9 +529,9 @@ def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
 
 
 def build_text_encoder(cfg: ModelConfig, tokenizer):
-    """A text encoder: any `AutoModel` from `cfg.name` (of a CLIP checkpoint, its text tower; embeddings grown for
-    added tokens) or a small BERT from a config; frozen, LoRA, checkpointing as configured. No pooler where it can
-    be left out (BERT, RoBERTa): the tasks pool themselves, and an unused pooler leaves DDP with gradless weights."""
+    """A text encoder: any `AutoModel` from `cfg.name` (of a CLIP checkpoint, its text tower) or a small BERT from a
+    config, then `adapt`ed. No pooler where it can be left out (BERT, RoBERTa): the tasks pool themselves, and an
+    unused pooler leaves DDP with gradless weights."""
     import inspect
 
     from transformers import MODEL_MAPPING, AutoConfig, BertConfig, BertModel
@@ -559,8 +552,6 @@ class DualEncoder(nn.Module):
     """Image and text embedded separately into one normalised space (retrieval). Images: every region projected
     by an MLP, mean-pooled, projected; texts: the encoder's [CLS] state, projected. `logit_scale` is the learned
     inverse temperature of the contrastive loss, kept as a log and clamped to [1, 100] as in CLIP."""
-
-    MAX_LOGIT_SCALE = 100.0
 
     def __init__(self, text_encoder, vision: nn.Module, embed_dim: int, temperature: float):
         super().__init__()
@@ -590,7 +581,7 @@ class DualEncoder(nn.Module):
         """(image embeddings, text embeddings, logit scale) for a batch of matching pairs."""
         images = self.embed_images(batch)
         texts = self.embed_texts(batch["input_ids"], batch["attention_mask"])
-        return images, texts, self.logit_scale.clamp(0, math.log(self.MAX_LOGIT_SCALE)).exp()
+        return images, texts, self.logit_scale.clamp(0, math.log(100)).exp()
 
 
 class FusionClassifier(nn.Module):
@@ -601,10 +592,8 @@ class FusionClassifier(nn.Module):
     def __init__(self, encoder, vision: nn.Module, num_classes: int):
         super().__init__()
         if encoder.config.model_type == "clip_text_model":
-            raise InputError(
-                "classification puts image regions into the encoder's input, which CLIP's text tower "
-                "cannot take: pass a BERT-like encoder as --model.name"
-            )
+            why = "which CLIP's text tower cannot take: pass a BERT-like encoder as --model.name"
+            raise InputError(f"classification puts image regions into the encoder's input, {why}")
         self.typed = getattr(encoder.config, "type_vocab_size", 0) > 1
         width = encoder.config.hidden_size
         self.encoder = encoder

@@ -85,10 +85,8 @@ def choose_run_dir(task: str, cfg: TaskConfig) -> Path:
     run_dir = cfg.output_dir or Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     held = run_dir / "config.yaml"
     if held.is_file() and cfg.resume is None and not cfg.overwrite:
-        raise InputError(
-            f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to "
-            "replace it, or another --output-dir"
-        )
+        how = "pass --resume auto to continue it, --overwrite to replace it, or another --output-dir"
+        raise InputError(f"{run_dir} already holds a run: {how}")
     if held.is_file() and cfg.resume is not None:
         try:
             held_task = (yaml.safe_load(held.read_text()) or {}).get("task")
@@ -144,10 +142,9 @@ def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS)
     except Exception as e:  # truncated file, not a checkpoint at all, a pickled object weights_only refuses, ...
         # One line (train.py prints an error's last line): torch's weights_only message wraps its reason in advice.
         reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation of torch.load")[0]
-        raise InputError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(reason.split()).rstrip('.')} "
-            "(a corrupt file, or not one torch.load(weights_only=True) accepts)"
-        ) from None
+        reason = f"{type(e).__name__}: {' '.join(reason.split()).rstrip('.')}"
+        why = "(a corrupt file, or not one torch.load(weights_only=True) accepts)"
+        raise InputError(f"cannot read checkpoint {path}: {reason} {why}") from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != task:
         other = ckpt.get("task") if isinstance(ckpt, dict) else None
         raise InputError(f"{path} is a checkpoint of task {other!r}, not {task!r}")
@@ -265,11 +262,8 @@ def rng_state() -> dict:
     """This process's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, lists, numbers)."""
     version, mt_state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(mt_state), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
+    np_state = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    state = {"python": [version, list(mt_state), gauss], "numpy": np_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -326,12 +320,10 @@ class Logger:
 
 
 def wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
     import netrc
 
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return bool(os.environ.get("WANDB_API_KEY")) or netrc.netrc().authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -751,12 +743,9 @@ class TrainState:
         """The --log-every line from the window, which starts again (`peak_flops`: of one GPU, for train/mfu)."""
         loss_total, count_total, tokens_total, samples_total = self.window.tolist()
         self.window.zero_()
-        metrics = {
-            "train/lr": self.cfg.lr * lr_factor(step, self.cfg, self.total_steps),
-            "train/epoch": step / steps_per_epoch,
-            "train/samples_per_s": samples_total / elapsed,
-            "train/tokens_per_s": tokens_total / elapsed,
-        }
+        lr = self.cfg.lr * lr_factor(step, self.cfg, self.total_steps)
+        metrics = {"train/lr": lr, "train/epoch": step / steps_per_epoch}
+        metrics |= {"train/samples_per_s": samples_total / elapsed, "train/tokens_per_s": tokens_total / elapsed}
         if count_total > 0:  # else every step since the last log was skipped (--nan-policy skip)
             metrics["train/loss"] = loss_total / count_total
         if peak_flops:
