@@ -119,11 +119,10 @@ def pretrained(load: Callable, name: str, what: str, field: str = "name"):
     try:
         return load(str(local) if local.is_dir() else name)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if local.is_dir() else "not a local directory, and not on the hub"
-        hint = "" if local.is_dir() else " or in its cache (offline? a mistyped name?)"
-        raise LoadError(
-            field, name, f"cannot load the {what}: {reason}{hint}; pass a directory saved with save_pretrained"
-        ) from None
+        hub = "not a local directory, and not on the hub or in its cache (offline? a mistyped name?)"
+        reason = str(e).strip().splitlines()[0] if local.is_dir() else hub
+        reason = f"cannot load the {what}: {reason}; pass a directory saved with save_pretrained"
+        raise LoadError(field, name, reason) from None
 
 
 def quiet_transformers() -> None:

@@ -860,12 +860,10 @@ def main(argv: list[str]) -> None:
     step = state.resume(ckpt_path, ckpt) if ckpt else 0
     flags = StepFlags(device)  # from here on a stop signal stops the run at the end of a step
     if rank == 0:
-        print(
-            f"run dir {run_dir} | {world} rank(s) on {device} | {steps_per_epoch} steps/epoch, "
-            f"{total_steps} steps | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters"
-            + (f" | resumed at step {step}" if ckpt else ""),
-            flush=True,
-        )
+        params = sum(p.numel() for p in raw_model.parameters()) / 1e6
+        sizes = f"{steps_per_epoch} steps/epoch, {total_steps} steps | {params:.2f}M parameters"
+        resumed = f" | resumed at step {step}" if ckpt else ""
+        print(f"run dir {run_dir} | {world} rank(s) on {device} | {sizes}{resumed}", flush=True)
 
     from tqdm import tqdm
 
