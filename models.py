@@ -119,11 +119,10 @@ def pretrained(load: Callable, name: str, what: str, field: str = "name"):
     try:
         return load(str(local) if local.is_dir() else name)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if local.is_dir() else "not a local directory, and not on the hub"
-        hint = "" if local.is_dir() else " or in its cache (offline? a mistyped name?)"
-        raise LoadError(
-            field, name, f"cannot load the {what}: {reason}{hint}; pass a directory saved with save_pretrained"
-        ) from None
+        hub = "not a local directory, and not on the hub or in its cache (offline? a mistyped name?)"
+        reason = str(e).strip().splitlines()[0] if local.is_dir() else hub
+        reason = f"cannot load the {what}: {reason}; pass a directory saved with save_pretrained"
+        raise LoadError(field, name, reason) from None
 
 
 def quiet_transformers() -> None:
@@ -167,11 +166,9 @@ def adapt(model, cfg: ModelConfig, tokenizer):
         from peft import LoraConfig, get_peft_model
 
         targets = list(cfg.lora_targets) or "all-linear"
-        lora = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
-        )
+        lora = dict(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
         try:
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, LoraConfig(**lora, target_modules=targets))
         except ValueError as e:  # target modules not found
             raise InputError(f"--model.lora-targets {' '.join(cfg.lora_targets)}: {e}") from None
     return model
@@ -186,11 +183,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(texts, trainer)
     if template is not None:
@@ -199,9 +194,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def build_tokenizer(
-    cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts: Callable[[], Iterable[str]], template=None
-):
+def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts: Callable, template=None):
     """The run's tokenizer: pretrained (`cfg.name`), the run's own (`tokenizer_dir`, resuming), or a BPE trained on
     `texts()` with `specials` (and `template`, see train_tokenizer). A loaded tokenizer keeps its own special tokens
     (bos, eos, pad: its LM was trained with them) and gets only the task's `additional_special_tokens`."""
@@ -403,18 +396,14 @@ class VisualPrefixLM(nn.Module):
         text = torch.where(is_marker, own, self.lm.get_input_embeddings()(batch["input_ids"]))
         visual = self.projector(self.vision(batch)[0].to(text.dtype))
         index = batch["visual_index"].unsqueeze(-1).expand(-1, -1, visual.shape[-1])
-        visual = visual.gather(1, index)
-        return (
-            torch.where(batch["is_visual"].unsqueeze(-1), visual, text) + self.marker_embeds(batch["token_type_ids"])[0]
-        )
+        mixed = torch.where(batch["is_visual"].unsqueeze(-1), visual.gather(1, index), text)
+        return mixed + self.marker_embeds(batch["token_type_ids"])[0]
 
     def run_lm(self, batch: dict, hidden_states: bool = False):
-        mask = batch["attention_mask"]
+        mask, embeds = batch["attention_mask"], self.embed(batch)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return self.lm(
-            inputs_embeds=self.embed(batch),
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            output_hidden_states=hidden_states,
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_hidden_states=hidden_states
         )
 
     def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -455,49 +444,30 @@ class VisualPrefixLM(nn.Module):
         hook = self.lm.get_input_embeddings().register_forward_hook(
             lambda module, args, out: out + types.repeat_interleave(len(out) // len(types), 0).to(out.dtype)
         )
+        search = dict(num_beams=num_beams, max_new_tokens=max_len, min_new_tokens=min_len, do_sample=False)
+        search |= dict(eos_token_id=eos_id, pad_token_id=pad_id, suppress_tokens=self.marker_ids.tolist())
         try:
-            out = self.lm.generate(
-                inputs_embeds=embeds,
-                attention_mask=batch["attention_mask"],
-                num_beams=num_beams,
-                max_new_tokens=max_len,
-                min_new_tokens=min_len,
-                do_sample=False,
-                eos_token_id=eos_id,
-                pad_token_id=pad_id,
-                suppress_tokens=self.marker_ids.tolist(),
-            )
+            out = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **search)
         finally:
             hook.remove()
-        results = []
-        for row in out.tolist():
-            if eos_id in row:
-                row = row[: row.index(eos_id)]
-            results.append([t for t in row if t != pad_id])
-        return results
+        rows = [row[: row.index(eos_id)] if eos_id in row else row for row in out.tolist()]
+        return [[t for t in row if t != pad_id] for row in rows]
 
 
 def small_config(config_class, cfg: ModelConfig, vocab_size: int, **fields):
     """The config of a small model (no --model.name) from --model.n-layer/n-head/n-embd/n-positions, in the names
     every family takes (GPT-2 maps them onto its own), and the family's own `fields`."""
-    return config_class(
-        vocab_size=vocab_size,
-        hidden_size=cfg.n_embd,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        max_position_embeddings=cfg.n_positions,
-        # GPT-2's and BERT's 0.02 suits width 768; at a small width the model is slow to start reading its visual
-        # input: the embedded AVSD's answers do not depend on the video after 10 epochs with 0.02, they do from epoch
-        # 4 with 1/sqrt(width); the embedded SNLI-VE is at chance accuracy after 300 steps, at 96% after 100.
-        initializer_range=cfg.n_embd**-0.5,
-        **fields,
-    )
+    sizes = dict(vocab_size=vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer)
+    sizes |= dict(num_attention_heads=cfg.n_head, max_position_embeddings=cfg.n_positions)
+    # GPT-2's and BERT's 0.02 suits width 768; at a small width the model is slow to start reading its visual
+    # input: the embedded AVSD's answers do not depend on the video after 10 epochs with 0.02, they do from epoch
+    # 4 with 1/sqrt(width); the embedded SNLI-VE is at chance accuracy after 300 steps, at 96% after 100.
+    return config_class(**sizes, initializer_range=cfg.n_embd**-0.5, **fields)
 
 
 def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
-    """The LM: any causal LM from `cfg.name` (embeddings grown for the added tokens; frozen, LoRA, checkpointing
-    as configured) or a small GPT-2 from a config. Generation follows only our flags (eos, pad, beams): a hub
-    model's own sampling defaults (temperature, repetition penalty) are dropped."""
+    """The LM: any causal LM from `cfg.name` or a small GPT-2 from a config, then `adapt`ed. Generation follows only
+    our flags (eos, pad, beams): a hub model's own sampling defaults (temperature, repetition penalty) are dropped."""
     from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     quiet_transformers()
@@ -558,9 +528,9 @@ def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
 
 
 def build_text_encoder(cfg: ModelConfig, tokenizer):
-    """A text encoder: any `AutoModel` from `cfg.name` (of a CLIP checkpoint, its text tower; embeddings grown for
-    added tokens) or a small BERT from a config; frozen, LoRA, checkpointing as configured. No pooler where it can
-    be left out (BERT, RoBERTa): the tasks pool themselves, and an unused pooler leaves DDP with gradless weights."""
+    """A text encoder: any `AutoModel` from `cfg.name` (of a CLIP checkpoint, its text tower) or a small BERT from a
+    config, then `adapt`ed. No pooler where it can be left out (BERT, RoBERTa): the tasks pool themselves, and an
+    unused pooler leaves DDP with gradless weights."""
     import inspect
 
     from transformers import MODEL_MAPPING, AutoConfig, BertConfig, BertModel
@@ -581,8 +551,6 @@ class DualEncoder(nn.Module):
     """Image and text embedded separately into one normalised space (retrieval). Images: every region projected
     by an MLP, mean-pooled, projected; texts: the encoder's [CLS] state, projected. `logit_scale` is the learned
     inverse temperature of the contrastive loss, kept as a log and clamped to [1, 100] as in CLIP."""
-
-    MAX_LOGIT_SCALE = 100.0
 
     def __init__(self, text_encoder, vision: nn.Module, embed_dim: int, temperature: float):
         super().__init__()
@@ -612,7 +580,7 @@ class DualEncoder(nn.Module):
         """(image embeddings, text embeddings, logit scale) for a batch of matching pairs."""
         images = self.embed_images(batch)
         texts = self.embed_texts(batch["input_ids"], batch["attention_mask"])
-        return images, texts, self.logit_scale.clamp(0, math.log(self.MAX_LOGIT_SCALE)).exp()
+        return images, texts, self.logit_scale.clamp(0, math.log(100)).exp()
 
 
 class FusionClassifier(nn.Module):
@@ -623,10 +591,8 @@ class FusionClassifier(nn.Module):
     def __init__(self, encoder, vision: nn.Module, num_classes: int):
         super().__init__()
         if encoder.config.model_type == "clip_text_model":
-            raise InputError(
-                "classification puts image regions into the encoder's input, which CLIP's text tower "
-                "cannot take: pass a BERT-like encoder as --model.name"
-            )
+            why = "which CLIP's text tower cannot take: pass a BERT-like encoder as --model.name"
+            raise InputError(f"classification puts image regions into the encoder's input, {why}")
         self.typed = getattr(encoder.config, "type_vocab_size", 0) > 1
         width = encoder.config.hidden_size
         self.encoder = encoder

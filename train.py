@@ -85,10 +85,8 @@ def choose_run_dir(task: str, cfg: TaskConfig) -> Path:
     run_dir = cfg.output_dir or Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     held = run_dir / "config.yaml"
     if held.is_file() and cfg.resume is None and not cfg.overwrite:
-        raise InputError(
-            f"{run_dir} already holds a run: pass --resume auto to continue it, --overwrite to "
-            "replace it, or another --output-dir"
-        )
+        how = "pass --resume auto to continue it, --overwrite to replace it, or another --output-dir"
+        raise InputError(f"{run_dir} already holds a run: {how}")
     if held.is_file() and cfg.resume is not None:
         try:
             held_task = (yaml.safe_load(held.read_text()) or {}).get("task")
@@ -144,10 +142,9 @@ def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS)
     except Exception as e:  # truncated file, not a checkpoint at all, a pickled object weights_only refuses, ...
         # One line (train.py prints an error's last line): torch's weights_only message wraps its reason in advice.
         reason = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation of torch.load")[0]
-        raise InputError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {' '.join(reason.split()).rstrip('.')} "
-            "(a corrupt file, or not one torch.load(weights_only=True) accepts)"
-        ) from None
+        reason = f"{type(e).__name__}: {' '.join(reason.split()).rstrip('.')}"
+        why = "(a corrupt file, or not one torch.load(weights_only=True) accepts)"
+        raise InputError(f"cannot read checkpoint {path}: {reason} {why}") from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != task:
         other = ckpt.get("task") if isinstance(ckpt, dict) else None
         raise InputError(f"{path} is a checkpoint of task {other!r}, not {task!r}")
@@ -265,11 +262,8 @@ def rng_state() -> dict:
     """This process's RNG states in a form `torch.load(weights_only=True)` accepts (tensors, lists, numbers)."""
     version, mt_state, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(mt_state), gauss],
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
+    np_state = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    state = {"python": [version, list(mt_state), gauss], "numpy": np_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -296,11 +290,8 @@ class Logger:
         if self.enabled and resumed_step is not None and path.is_file():
             # Steps after the checkpoint being resumed will be run (and logged) again: drop their old lines, so
             # metrics.jsonl reads as if the run had never been interrupted.
-            kept = [
-                line
-                for line in path.read_text().splitlines(True)
-                if line.endswith("\n") and json.loads(line)["step"] <= resumed_step
-            ]
+            lines = path.read_text().splitlines(True)
+            kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
             write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
         self.file = open(path, "a") if self.enabled else None  # noqa: SIM115
         self.wandb = init_wandb(cfg, task, run_dir, wandb_id) if self.enabled else None
@@ -329,12 +320,10 @@ class Logger:
 
 
 def wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
     import netrc
 
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return bool(os.environ.get("WANDB_API_KEY")) or netrc.netrc().authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -350,20 +339,13 @@ def init_wandb(cfg: TaskConfig, task: str, run_dir: Path, run_id: str | None):
         why = "no credentials (WANDB_API_KEY or `wandb login`)"
         print(f"wandb: {why}: logging offline to {run_dir}/wandb; upload later with `wandb sync`", file=sys.stderr)
         mode = "offline"
-    kwargs = dict(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        name=cfg.wandb.name or run_dir.name,
-        dir=str(run_dir),
-        config={"task": task, **config_to_dict(cfg)},
-        id=run_id,
-        resume="allow",
-    )
+    run = dict(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or run_dir.name, id=run_id)
+    run |= dict(dir=str(run_dir), config={"task": task, **config_to_dict(cfg)}, resume="allow")
     try:
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30, silent=True), **kwargs)
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30, silent=True), **run)
     except Exception as e:  # wandb raises its own error types on connection problems
         print(f"wandb: online init failed ({e}); logging offline", file=sys.stderr)
-        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
+        return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **run)
 
 
 def export(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> None:
@@ -407,22 +389,13 @@ def lr_factor(step: int, cfg: TaskConfig, total_steps: int) -> float:
 
 
 # Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name() (first match wins).
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("4090", 165e12),
-    ("3090", 71e12),
-]
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+PEAK_BF16_FLOPS |= {"L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12}
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
-    peak = next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
     if peak is None:
         print(f"train/mfu not logged: no peak FLOP/s known for {name} (add it to PEAK_BF16_FLOPS)", file=sys.stderr)
     return peak
@@ -770,12 +743,9 @@ class TrainState:
         """The --log-every line from the window, which starts again (`peak_flops`: of one GPU, for train/mfu)."""
         loss_total, count_total, tokens_total, samples_total = self.window.tolist()
         self.window.zero_()
-        metrics = {
-            "train/lr": self.cfg.lr * lr_factor(step, self.cfg, self.total_steps),
-            "train/epoch": step / steps_per_epoch,
-            "train/samples_per_s": samples_total / elapsed,
-            "train/tokens_per_s": tokens_total / elapsed,
-        }
+        lr = self.cfg.lr * lr_factor(step, self.cfg, self.total_steps)
+        metrics = {"train/lr": lr, "train/epoch": step / steps_per_epoch}
+        metrics |= {"train/samples_per_s": samples_total / elapsed, "train/tokens_per_s": tokens_total / elapsed}
         if count_total > 0:  # else every step since the last log was skipped (--nan-policy skip)
             metrics["train/loss"] = loss_total / count_total
         if peak_flops:
@@ -789,12 +759,8 @@ class TrainState:
         """Every rank: all but the frozen weights. --fsdp: each rank's shards into STEP.dcp.tmp (files of a save killed
         midway are overwritten), rank 0 the rest beside them; else rank 0 writes it all to a file (save_checkpoint).
         `metrics`: the evaluation's, empty if none ran."""
-        cfg, best, value = self.cfg, self.best, metrics.get(self.cfg.best_metric)
-        improved = (
-            value is not None
-            and math.isfinite(value)
-            and (best is None or (value > best if cfg.best_mode == "max" else value < best))
-        )
+        cfg, best, value = self.cfg, self.best, metrics.get(self.cfg.best_metric, math.nan)
+        improved = math.isfinite(value) and (best is None or (value > best if cfg.best_mode == "max" else value < best))
         self.best = value if improved else best
         rng = [rng_state()]
         if dist.is_initialized():
@@ -894,12 +860,10 @@ def main(argv: list[str]) -> None:
     step = state.resume(ckpt_path, ckpt) if ckpt else 0
     flags = StepFlags(device)  # from here on a stop signal stops the run at the end of a step
     if rank == 0:
-        print(
-            f"run dir {run_dir} | {world} rank(s) on {device} | {steps_per_epoch} steps/epoch, "
-            f"{total_steps} steps | {sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters"
-            + (f" | resumed at step {step}" if ckpt else ""),
-            flush=True,
-        )
+        params = sum(p.numel() for p in raw_model.parameters()) / 1e6
+        sizes = f"{steps_per_epoch} steps/epoch, {total_steps} steps | {params:.2f}M parameters"
+        resumed = f" | resumed at step {step}" if ckpt else ""
+        print(f"run dir {run_dir} | {world} rank(s) on {device} | {sizes}{resumed}", flush=True)
 
     from tqdm import tqdm
 
