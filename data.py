@@ -296,10 +296,8 @@ class MediaDataset(FeatureDataset):
                     raise
         if bad and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             first = next(iter(bad.values()))
-            print(
-                f"warning: skipped {len(bad)} of {len(media)} files that cannot be read, first: {first}",
-                file=sys.stderr,
-            )
+            message = f"warning: skipped {len(bad)} of {len(media)} files that cannot be read, first: {first}"
+            print(message, file=sys.stderr)
         super().__init__([s for s in samples if s["image_id"] not in bad], features, shuffle)
         self.media, self.pixels, self.skip_bad, self.train, self.seed = media, pixels, skip_bad, train, seed
         self.frames = max(pixels.num_frames if path.suffix in VIDEO_EXTENSIONS else 1 for path in media.values())
@@ -480,9 +478,7 @@ def make_embedded_avsd(root: Path, seed: int = 0, pixels: bool = False) -> None:
                 s = streams[stream]
                 video = rng.standard_normal(_CONTENT_RANK) @ s["basis"]
                 video += math.sqrt(s["isotropic"]) * rng.standard_normal(width)
-                video += sum(
-                    directions[a, attrs[a]] for a, (in_stream, _) in _ATTRIBUTES.items() if in_stream == stream
-                )
+                video += sum(directions[a, value] for a, value in attrs.items() if _ATTRIBUTES[a][0] == stream)
                 pre = video.astype(np.float32) + _varying(rng, lengths[stream], s["drift_basis"], s["rho"], s["noise"])
                 if stream == "vggish":
                     frames = np.round((np.clip(s["bias"] + s["gain"] * pre, -2, 2) + 2) * 255 / 4)
@@ -539,16 +535,14 @@ def load_captions(path: Path, train: bool) -> list[dict]:
         captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
         if not captions or not all(isinstance(c, str) for c in captions):
             raise InputError(f"{path}: entry {n}: 'caption' must be a string or a non-empty list of strings")
-        image_id, image = image_feature_id(entry), entry.get("image")
+        image_id = image_feature_id(entry)
+        image = {"image_id": image_id, "image": entry.get("image")}
         if train:
-            samples += [
-                {"id": f"{image_id}#{n}.{k}", "image_id": image_id, "image": image, "caption": c}
-                for k, c in enumerate(captions)
-            ]
+            samples += [{"id": f"{image_id}#{n}.{k}", **image, "caption": c} for k, c in enumerate(captions)]
         elif image_id in by_image:
             by_image[image_id]["references"] += captions
         else:
-            by_image[image_id] = {"id": image_id, "image_id": image_id, "image": image, "references": list(captions)}
+            by_image[image_id] = {"id": image_id, **image, "references": list(captions)}
     return samples if train else list(by_image.values())
 
 
@@ -613,9 +607,8 @@ def _make_images(
         image_id = f"{split}{i:04d}"
         if pixels:
             values = [_IMAGE_ATTRIBUTES[attr].index(attrs[attr]) for attr in ("color", "thing", "place", "count")]
-            draw_image(
-                root / "images" / split / f"{image_id}.jpg", *values, np.random.default_rng([*split.encode(), i])
-            )
+            path = root / "images" / split / f"{image_id}.jpg"
+            draw_image(path, *values, np.random.default_rng([*split.encode(), i]))
         else:
             np.save(root / "features" / f"{image_id}.npy", (model["mean"] + model["gain"] * tokens).astype(np.float32))
         images.append({"image_id": image_id, "image": f"{split}/{image_id}.jpg", **attrs})
@@ -868,11 +861,8 @@ def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
     width = max(len(s) for s in seqs)
     out = np.full((len(seqs), width), value, dtype=np.int64)  # numpy: filling rows from lists is 4x torch's cost
     for i, s in enumerate(seqs):
-        if s:
-            if left:
-                out[i, width - len(s) :] = s
-            else:
-                out[i, : len(s)] = s
+        start = width - len(s) if left else 0
+        out[i, start : start + len(s)] = s
     return torch.from_numpy(out)
 
 
