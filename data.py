@@ -587,32 +587,34 @@ _IMAGE_MODEL |= {"local": 0.2, "patch_noise": 0.1, "pooled_noise": 0.02}
 _IMAGE_OUTLIERS = 6  # outlier dimensions
 
 
-def _make_images(
-    root: Path, split: str, n_images: int, rng: np.random.Generator, model: dict, n_values=None, pixels=False
-) -> list[dict]:
-    """Write `n_images` feature files (`pixels`: images, see draw_image) of one split (`model`: _image_model);
-    returns their ids and hidden attributes (each drawn from the first `n_values` values of its attribute; None:
-    all). The features are drawn for images too, so both versions have the same annotations."""
-    (root / "images" / split if pixels else root / "features").mkdir(parents=True, exist_ok=True)
-    m, width = _IMAGE_MODEL, IMAGE_FEATURE_DIM
-    images = []
-    for i in range(n_images):
-        attrs = {attr: values[rng.integers(len(values[:n_values]))] for attr, values in _IMAGE_ATTRIBUTES.items()}
-        content = rng.standard_normal(_CONTENT_RANK, dtype=np.float32) @ model["basis"]
-        content += math.sqrt(m["isotropic"]) * rng.standard_normal(width, dtype=np.float32)
-        content += sum(model[attr, value] for attr, value in attrs.items())
-        tokens = np.stack([content] + [m["patch_share"] * content] * (_IMAGE_PATCHES - 1))
-        tokens[0] += math.sqrt(m["pooled_noise"]) * rng.standard_normal(width, dtype=np.float32)
-        tokens[1:] += _varying(rng, _IMAGE_PATCHES - 1, model["local_basis"], 0.0, m["patch_noise"])
-        image_id = f"{split}{i:04d}"
-        if pixels:
-            values = [_IMAGE_ATTRIBUTES[attr].index(attrs[attr]) for attr in ("color", "thing", "place", "count")]
-            path = root / "images" / split / f"{image_id}.jpg"
-            draw_image(path, *values, np.random.default_rng([*split.encode(), i]))
-        else:
-            np.save(root / "features" / f"{image_id}.npy", (model["mean"] + model["gain"] * tokens).astype(np.float32))
-        images.append({"image_id": image_id, "image": f"{split}/{image_id}.jpg", **attrs})
-    return images
+def _make_images(root: Path, splits: dict[str, int], seed: int, pixels: bool, n_values: int | None = None):
+    """Per split (name → number of images): write its feature files (`pixels`: images, see draw_image), yield (split,
+    the images' ids and hidden attributes, the rng the annotations go on drawing from). Attributes are drawn from
+    their first `n_values` values (None: all); features are drawn for images too: both versions share annotations."""
+    rng = np.random.default_rng(seed)
+    model, m, width = _image_model(rng), _IMAGE_MODEL, IMAGE_FEATURE_DIM
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, n_images in splits.items():
+        (root / "images" / split if pixels else root / "features").mkdir(parents=True, exist_ok=True)
+        images = []
+        for i in range(n_images):
+            attrs = {attr: values[rng.integers(len(values[:n_values]))] for attr, values in _IMAGE_ATTRIBUTES.items()}
+            content = rng.standard_normal(_CONTENT_RANK, dtype=np.float32) @ model["basis"]
+            content += math.sqrt(m["isotropic"]) * rng.standard_normal(width, dtype=np.float32)
+            content += sum(model[attr, value] for attr, value in attrs.items())
+            tokens = np.stack([content] + [m["patch_share"] * content] * (_IMAGE_PATCHES - 1))
+            tokens[0] += math.sqrt(m["pooled_noise"]) * rng.standard_normal(width, dtype=np.float32)
+            tokens[1:] += _varying(rng, _IMAGE_PATCHES - 1, model["local_basis"], 0.0, m["patch_noise"])
+            image_id = f"{split}{i:04d}"
+            image = f"{split}/{image_id}.jpg"
+            if pixels:
+                values = [_IMAGE_ATTRIBUTES[attr].index(attrs[attr]) for attr in ("color", "thing", "place", "count")]
+                draw_image(root / "images" / image, *values, np.random.default_rng([*split.encode(), i]))
+            else:
+                features = model["mean"] + model["gain"] * tokens
+                np.save(root / "features" / f"{image_id}.npy", features.astype(np.float32))
+            images.append({"image_id": image_id, "image": image, **attrs})
+        yield split, images, rng
 
 
 # Pixels of the embedded datasets: each hidden attribute drawn. Colours by index of the "color" values; shapes by
@@ -710,12 +712,9 @@ CAPTIONS_VERSION = "captions-embedded-v2"
 
 
 def make_embedded_captions(root: Path, seed: int = 0, pixels: bool = False) -> None:
-    rng = np.random.default_rng(seed)
-    model = _image_model(rng)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, n_images in CAPTIONS_SPLITS.items():
+    for split, images, rng in _make_images(root, CAPTIONS_SPLITS, seed, pixels):
         entries = []
-        for image in _make_images(root, split, n_images, rng, model, pixels=pixels):
+        for image in images:
             key = {"image": image["image"], "image_id": image["image_id"]}
             captions = [_CAPTIONS[k].format(**image) for k in rng.permutation(len(_CAPTIONS))]
             if split == "train":  # the Karpathy layout: one entry per caption
@@ -733,13 +732,10 @@ def make_embedded_vqa(root: Path, seed: int = 0, pixels: bool = False) -> None:
     """Questions of three answer types; the 10 human answers vary in spelling ("two", "2", "Red.") as real VQA
     answers do, and one or two annotators of ten disagree, so the consensus and the official accuracy's answer
     processing (which matches only some spellings) matter."""
-    rng = np.random.default_rng(seed)
-    model = _image_model(rng)
     digits = {"one": "1", "two": "2", "three": "3", "four": "4"}
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, n_images in VQA_SPLITS.items():
+    for split, images, rng in _make_images(root, VQA_SPLITS, seed, pixels):
         entries = []
-        for image in _make_images(root, split, n_images, rng, model, pixels=pixels):
+        for image in images:
             asked_color = _IMAGE_ATTRIBUTES["color"][rng.integers(6)] if rng.random() < 0.5 else image["color"]
             plain, period, title = str, "{}.".format, str.title
             thing, yes_no = image["thing"], "yes" if asked_color == image["color"] else "no"
@@ -794,13 +790,10 @@ def make_embedded_snli_ve(root: Path, seed: int = 0, pixels: bool = False) -> No
     """Three sentences per image, one per label. Entailment names the image's thing and colour; contradiction its
     thing with another colour; neutral another thing (whose colour the image cannot tell). Every sentence is
     equally likely under every label, so only the image decides."""
-    rng = np.random.default_rng(seed)
-    model = _image_model(rng)
     colors, things = _IMAGE_ATTRIBUTES["color"][:SNLI_VE_VALUES], _IMAGE_ATTRIBUTES["thing"][:SNLI_VE_VALUES]
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, n_images in SNLI_VE_SPLITS.items():
+    for split, images, rng in _make_images(root, SNLI_VE_SPLITS, seed, pixels, SNLI_VE_VALUES):
         entries = []
-        for image in _make_images(root, split, n_images, rng, model, SNLI_VE_VALUES, pixels):
+        for image in images:
             stated = {
                 "entailment": (image["color"], image["thing"]),
                 "contradiction": (rng.choice([c for c in colors if c != image["color"]]), image["thing"]),
