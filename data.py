@@ -80,8 +80,7 @@ class FeatureStore:
         try:
             with open(path, "rb") as f:
                 npy = np.lib.format
-                version = npy.read_magic(f)
-                header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                header = npy.read_array_header_1_0 if npy.read_magic(f) == (1, 0) else npy.read_array_header_2_0
                 shape, fortran_order, dtype = header(f)
                 offset = f.tell()
                 size = os.fstat(f.fileno()).st_size
@@ -549,7 +548,7 @@ def load_captions(path: Path, train: bool) -> list[dict]:
 def load_vqa(path: Path, train: bool) -> list[dict]:
     """VQAv2 style entries {"question_id", "question", "answer": [answers], "image"} (+ optional "answer_type",
     "image_id"). One sample per question; "answer" may be a single string. Eval entries may lack answers (a test
-    split scored elsewhere): they get an empty list, and scoring them is refused."""
+    split scored elsewhere): they get an empty list, and scoring them is refused; a split must not mix both."""
     samples = []
     for n, entry in enumerate(read_entries(path, ["question_id", "question", *(["answer"] if train else [])])):
         answers = entry.get("answer", [])
@@ -562,6 +561,9 @@ def load_vqa(path: Path, train: bool) -> list[dict]:
         samples.append({**sample, "answers": answers, "answer_type": entry.get("answer_type")})
     if len({s["id"] for s in samples}) != len(samples):
         raise InputError(f"{path}: question_id values are not unique")
+    unanswered = [s["id"] for s in samples if not s["answers"]]
+    if 0 < len(unanswered) < len(samples):
+        raise InputError(f"{path}: question {unanswered[0]} has no answers while others have")
     return samples
 
 
@@ -894,12 +896,10 @@ def stack_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Te
     """Right-pad variable-length (T, D) features into (B, T_max, D) plus a (B, T_max) bool mask of real frames."""
     width = max(a.shape[0] for a in arrays)
     out = batch_tensor((len(arrays), width, arrays[0].shape[1]))
-    mask = torch.zeros(len(arrays), width, dtype=torch.bool)
     for i, a in enumerate(arrays):
         out[i, : a.shape[0]] = torch.from_numpy(a)
         out[i, a.shape[0] :] = 0
-        mask[i, : a.shape[0]] = True
-    return out, mask
+    return out, torch.arange(width) < torch.tensor([a.shape[0] for a in arrays])[:, None]
 
 
 def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
