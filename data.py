@@ -182,11 +182,10 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv")
 
 
 class Pixels:
-    """Files → the tower's `pixel_values`. Eval (and training with --data.no-augment): the tower's image processor.
-    Training: first a random resized crop to its output size (scale 0.5-1, ratio 3/4-4/3, bicubic: BLIP's and
-    open_clip's fine-tuning) and a horizontal flip, the same for every frame of a video; the processor then only
-    normalises. Images: EXIF orientation applied, any mode made RGB. Videos (PyAV): `num_frames` frames, at the
-    centres of equal segments (training: anywhere within each), each found by a seek to the keyframe before it."""
+    """Files → the tower's `pixel_values`, through its image processor; in training (unless --data.no-augment) first a
+    random resized crop to its output size (crop_box; bicubic, as BLIP and open_clip fine-tune) and a horizontal flip,
+    the same for every frame of a video. Images: EXIF orientation applied, any mode made RGB. Videos (PyAV):
+    `num_frames` frames at the centres of equal segments (training: anywhere in each), each found by a seek."""
 
     def __init__(self, processor, num_frames: int):
         self.processor, self.num_frames = processor, num_frames
@@ -360,11 +359,11 @@ def load_avsd(path: Path, train: bool, max_turns: int) -> list[dict]:
     return samples
 
 
-# Realistic features for the embedded datasets. Fixed directions plus Gaussian noise are far easier than real
-# features, and a recipe tuned on them fails on real ones, so the generators copy what real features are made of:
-# a large mean shared by every video or image, per-video (per-image) content the questions never ask about, and
-# the attributes they do ask about as a small part of the variance. The statistics they give are in the README
-# ("Realistic embedded features"), checked by tests/test_avsd_data.py and tests/test_captioning.py.
+# Realistic features for the embedded datasets: a recipe tuned on fixed directions plus Gaussian noise fails on real
+# features, so the generators copy what those are made of: a large mean shared by every video or image, per-video
+# (per-image) content the questions never ask about, and the attributes they ask about as a small part of the
+# variance. The statistics are in the README ("Realistic embedded features"), checked by tests/test_avsd_data.py and
+# tests/test_captioning.py.
 
 
 def _low_rank(rng: np.random.Generator, k: int, width: int, variance: float) -> np.ndarray:
@@ -427,13 +426,11 @@ EMBEDDED_VERSION = "avsd-embedded-v6"
 
 
 # How each AVSD stream is generated, in pre-activation units: the variance per dimension of a video's content (low
-# rank, shared by its frames) and of its isotropic part, of each attribute written into the stream, of the slow
-# drift (AR(1), `rho` from one frame to the next) and of independent frame noise; then a per-dimension bias and
-# gain. So each attribute is 3.8% of an I3D stream's variance (questions ask about objects and colours, which
-# action-recognition features hardly encode) and the sound 7% of VGGish's. I3D values are a ReLU average of that.
-# VGGish: PCA-whitened embeddings (unit variance) shifted and scaled per dimension (another domain than AudioSet's),
-# clipped to [-2, 2] and quantised to 0..255 as the released AudioSet embeddings are (AVSD's vggish .npy files are
-# taken to hold those integer values as floats).
+# rank, shared by its frames) and of its isotropic part, of each attribute in the stream (small: action-recognition
+# features hardly encode objects and colours), of the slow drift (AR(1), `rho` from one frame to the next) and of
+# frame noise; then a per-dimension bias and gain. I3D values are a ReLU average of that. VGGish: PCA-whitened
+# embeddings shifted and scaled per dimension (another domain than AudioSet's), clipped to [-2, 2] and quantised to
+# 0..255 as AudioSet released them (AVSD's vggish .npy files are taken to hold those integers as floats).
 _AVSD_STREAM_MODEL = {
     "i3d": {"content": 0.25, "isotropic": 0.06, "attribute": 0.025, "drift": 0.2, "rho": 0.85, "noise": 0.08},
     "vggish": {"content": 0.35, "isotropic": 0.1, "attribute": 0.06, "drift": 0.2, "rho": 0.7, "noise": 0.15},
@@ -568,12 +565,10 @@ def load_vqa(path: Path, train: bool) -> list[dict]:
 
 
 # The embedded image datasets: every image has hidden attributes that the captions and answers name, so they can
-# only be read off the features. The features are what the last layer of a CLIP/BLIP ViT-B gives, the pooled token
-# first, then patch tokens: anisotropic, a large mean shared by every image (the pooled tokens of two random images
-# have cosine 0.67) with a few outlier dimensions ~30x larger than the rest (a ViT's massive activations); an
-# image's content (low rank, power-law spectrum) is shared by its tokens, the patches seeing it at `patch_share` of
-# the pooled token's weight beside their own local content (correlation 0.6 with the pooled token). Each attribute
-# is 10% of the pooled token's variance, more than in I3D: CLIP is trained to encode what captions name.
+# only be read off the features, made as a CLIP/BLIP ViT-B's last layer gives them (the pooled token, then patch
+# tokens): a large mean shared by every image, a few outlier dimensions ~30x the rest (a ViT's massive activations),
+# the image's content (low rank) shared by its tokens, the patches seeing it at `patch_share` of the pooled token's
+# weight beside their own local content. Attributes weigh more than in I3D: CLIP encodes what captions name.
 IMAGE_FEATURE_DIM = 768  # ViT-B/16 (CLIP, BLIP) patch/pooled width
 _IMAGE_PATCHES = 4  # the pooled token and 3 patches
 _IMAGE_ATTRIBUTES = {

@@ -138,8 +138,7 @@ class TaskConfig:
     log_every: int = 10
     """Log training metrics every N steps."""
     bf16: bool = True
-    """bf16 on GPU (ignored on CPU): autocast; with --fsdp, weights gathered and used in bf16, gradients reduced in
-    fp32."""
+    """bf16 on GPU (ignored on CPU): autocast; with --fsdp, weights gathered and used in bf16, gradients in fp32."""
     compile: bool = False
     """torch.compile the model for training (GPU; the first steps are slow while it compiles)."""
     fsdp: bool = False
@@ -219,10 +218,9 @@ class BaseTask:
         raise NotImplementedError
 
     def build_vision(self, train_set: Dataset) -> nn.Module:
-        """The visual front end the model reads through: the dataset's features (models.FeatureInput, standardised
-        with the training split's statistics unless --model.no-feature-norm), or with --model.vision its images or
-        videos through the tower (models.VisionTower; `pixels` in the samples; its tokens as they are, extra feature
-        streams such as VGGish standardised as features are)."""
+        """The visual front end: the dataset's features (models.FeatureInput, standardised with the training split's
+        statistics unless --model.no-feature-norm), or with --model.vision its images or videos through the tower
+        (models.VisionTower: its tokens as they are, extra feature streams such as VGGish standardised)."""
         import models
 
         if self.cfg.model.vision is None:
@@ -249,8 +247,7 @@ class BaseTask:
         return min(tokens, len(sample["features"])) if "features" in sample else tokens
 
     def visual_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """The samples' visual input as the front end reads it: features padded to the longest, with their mask;
-        pixels stacked."""
+        """The front end's input: features padded to the longest, with their mask; pixels stacked."""
         batch = {}
         if "features" in samples[0]:
             batch["features"], batch["feature_mask"] = data.stack_features([s["features"] for s in samples])
@@ -660,8 +657,7 @@ class VQATask(LMTask):
         model = super().build_model(train_set, tokenizer_dir)
         if self.cfg.inference_method == "rank":
             self.candidates = self.answer_candidates(train_set)
-            encoded = self.token_ids(self.candidates)
-            answers = [[*a, self.token["<eos>"]] for a in encoded]
+            answers = [[*a, self.token["<eos>"]] for a in self.token_ids(self.candidates)]
             self.candidate_ids = data.pad(answers, self.token["<pad>"])
             self.candidate_mask = data.pad([[1] * len(a) for a in answers], 0).bool()
         return model
@@ -851,8 +847,7 @@ class EncoderTask(BaseTask):
         return models.build_text_encoder(cfg, self.tokenizer)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Each text framed as its tokenizer frames one ([CLS] text [SEP]; RoBERTa's <s> text </s>), cut to
-        --max-text-len, right-padded."""
+        """Texts framed as the tokenizer frames one ([CLS] text [SEP], <s> text </s>), cut to --max-text-len, padded."""
         out = self.tokenizer(
             texts, truncation=True, max_length=self.cfg.max_text_len, padding=True, padding_side="right"
         )
@@ -890,8 +885,7 @@ class RetrievalTask(EncoderTask):
 
     @staticmethod
     def load(path: Path, train: bool) -> list[dict]:
-        """Captions as for captioning, plus `image_index` numbering the split's images: captions of the same image
-        are positives for each other."""
+        """Captions as for captioning, plus `image_index` numbering the split's images (its captions are positives)."""
         samples = data.load_captions(path, train)
         index = {}
         for sample in samples:
@@ -969,8 +963,7 @@ TASKS["retrieval"] = (RetrievalTask, RetrievalConfig())
 
 
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's `x` concatenated along dim 0 (same shape on every rank), differentiable: gradients flowing
-    into another rank's part are sent back to it and summed there."""
+    """All ranks' `x` (same shape) concatenated on dim 0, differentiable: each part's gradient returns to its rank."""
     if not dist.is_initialized():
         return x
     from torch.distributed.nn.functional import all_gather
