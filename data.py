@@ -80,8 +80,7 @@ class FeatureStore:
         try:
             with open(path, "rb") as f:
                 npy = np.lib.format
-                version = npy.read_magic(f)
-                header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                header = npy.read_array_header_1_0 if npy.read_magic(f) == (1, 0) else npy.read_array_header_2_0
                 shape, fortran_order, dtype = header(f)
                 offset = f.tell()
                 size = os.fstat(f.fileno()).st_size
@@ -183,11 +182,10 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv")
 
 
 class Pixels:
-    """Files → the tower's `pixel_values`. Eval (and training with --data.no-augment): the tower's image processor.
-    Training: first a random resized crop to its output size (scale 0.5-1, ratio 3/4-4/3, bicubic: BLIP's and
-    open_clip's fine-tuning) and a horizontal flip, the same for every frame of a video; the processor then only
-    normalises. Images: EXIF orientation applied, any mode made RGB. Videos (PyAV): `num_frames` frames, at the
-    centres of equal segments (training: anywhere within each), each found by a seek to the keyframe before it."""
+    """Files → the tower's `pixel_values`, through its image processor; in training (unless --data.no-augment) first a
+    random resized crop to its output size (crop_box; bicubic, as BLIP and open_clip fine-tune) and a horizontal flip,
+    the same for every frame of a video. Images: EXIF orientation applied, any mode made RGB. Videos (PyAV):
+    `num_frames` frames at the centres of equal segments (training: anywhere in each), each found by a seek."""
 
     def __init__(self, processor, num_frames: int):
         self.processor, self.num_frames = processor, num_frames
@@ -296,10 +294,8 @@ class MediaDataset(FeatureDataset):
                     raise
         if bad and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
             first = next(iter(bad.values()))
-            print(
-                f"warning: skipped {len(bad)} of {len(media)} files that cannot be read, first: {first}",
-                file=sys.stderr,
-            )
+            message = f"warning: skipped {len(bad)} of {len(media)} files that cannot be read, first: {first}"
+            print(message, file=sys.stderr)
         super().__init__([s for s in samples if s["image_id"] not in bad], features, shuffle)
         self.media, self.pixels, self.skip_bad, self.train, self.seed = media, pixels, skip_bad, train, seed
         self.frames = max(pixels.num_frames if path.suffix in VIDEO_EXTENSIONS else 1 for path in media.values())
@@ -363,11 +359,11 @@ def load_avsd(path: Path, train: bool, max_turns: int) -> list[dict]:
     return samples
 
 
-# Realistic features for the embedded datasets. Fixed directions plus Gaussian noise are far easier than real
-# features, and a recipe tuned on them fails on real ones, so the generators copy what real features are made of:
-# a large mean shared by every video or image, per-video (per-image) content the questions never ask about, and
-# the attributes they do ask about as a small part of the variance. The statistics they give are in the README
-# ("Realistic embedded features"), checked by tests/test_avsd_data.py and tests/test_captioning.py.
+# Realistic features for the embedded datasets: a recipe tuned on fixed directions plus Gaussian noise fails on real
+# features, so the generators copy what those are made of: a large mean shared by every video or image, per-video
+# (per-image) content the questions never ask about, and the attributes they ask about as a small part of the
+# variance. The statistics are in the README ("Realistic embedded features"), checked by tests/test_avsd_data.py and
+# tests/test_captioning.py.
 
 
 def _low_rank(rng: np.random.Generator, k: int, width: int, variance: float) -> np.ndarray:
@@ -430,13 +426,11 @@ EMBEDDED_VERSION = "avsd-embedded-v6"
 
 
 # How each AVSD stream is generated, in pre-activation units: the variance per dimension of a video's content (low
-# rank, shared by its frames) and of its isotropic part, of each attribute written into the stream, of the slow
-# drift (AR(1), `rho` from one frame to the next) and of independent frame noise; then a per-dimension bias and
-# gain. So each attribute is 3.8% of an I3D stream's variance (questions ask about objects and colours, which
-# action-recognition features hardly encode) and the sound 7% of VGGish's. I3D values are a ReLU average of that.
-# VGGish: PCA-whitened embeddings (unit variance) shifted and scaled per dimension (another domain than AudioSet's),
-# clipped to [-2, 2] and quantised to 0..255 as the released AudioSet embeddings are (AVSD's vggish .npy files are
-# taken to hold those integer values as floats).
+# rank, shared by its frames) and of its isotropic part, of each attribute in the stream (small: action-recognition
+# features hardly encode objects and colours), of the slow drift (AR(1), `rho` from one frame to the next) and of
+# frame noise; then a per-dimension bias and gain. I3D values are a ReLU average of that. VGGish: PCA-whitened
+# embeddings shifted and scaled per dimension (another domain than AudioSet's), clipped to [-2, 2] and quantised to
+# 0..255 as AudioSet released them (AVSD's vggish .npy files are taken to hold those integers as floats).
 _AVSD_STREAM_MODEL = {
     "i3d": {"content": 0.25, "isotropic": 0.06, "attribute": 0.025, "drift": 0.2, "rho": 0.85, "noise": 0.08},
     "vggish": {"content": 0.35, "isotropic": 0.1, "attribute": 0.06, "drift": 0.2, "rho": 0.7, "noise": 0.15},
@@ -480,9 +474,7 @@ def make_embedded_avsd(root: Path, seed: int = 0, pixels: bool = False) -> None:
                 s = streams[stream]
                 video = rng.standard_normal(_CONTENT_RANK) @ s["basis"]
                 video += math.sqrt(s["isotropic"]) * rng.standard_normal(width)
-                video += sum(
-                    directions[a, attrs[a]] for a, (in_stream, _) in _ATTRIBUTES.items() if in_stream == stream
-                )
+                video += sum(directions[a, value] for a, value in attrs.items() if _ATTRIBUTES[a][0] == stream)
                 pre = video.astype(np.float32) + _varying(rng, lengths[stream], s["drift_basis"], s["rho"], s["noise"])
                 if stream == "vggish":
                     frames = np.round((np.clip(s["bias"] + s["gain"] * pre, -2, 2) + 2) * 255 / 4)
@@ -539,23 +531,21 @@ def load_captions(path: Path, train: bool) -> list[dict]:
         captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
         if not captions or not all(isinstance(c, str) for c in captions):
             raise InputError(f"{path}: entry {n}: 'caption' must be a string or a non-empty list of strings")
-        image_id, image = image_feature_id(entry), entry.get("image")
+        image_id = image_feature_id(entry)
+        image = {"image_id": image_id, "image": entry.get("image")}
         if train:
-            samples += [
-                {"id": f"{image_id}#{n}.{k}", "image_id": image_id, "image": image, "caption": c}
-                for k, c in enumerate(captions)
-            ]
+            samples += [{"id": f"{image_id}#{n}.{k}", **image, "caption": c} for k, c in enumerate(captions)]
         elif image_id in by_image:
             by_image[image_id]["references"] += captions
         else:
-            by_image[image_id] = {"id": image_id, "image_id": image_id, "image": image, "references": list(captions)}
+            by_image[image_id] = {"id": image_id, **image, "references": list(captions)}
     return samples if train else list(by_image.values())
 
 
 def load_vqa(path: Path, train: bool) -> list[dict]:
     """VQAv2 style entries {"question_id", "question", "answer": [answers], "image"} (+ optional "answer_type",
     "image_id"). One sample per question; "answer" may be a single string. Eval entries may lack answers (a test
-    split scored elsewhere): they get an empty list, and scoring them is refused."""
+    split scored elsewhere): they get an empty list, and scoring them is refused; a split must not mix both."""
     samples = []
     for n, entry in enumerate(read_entries(path, ["question_id", "question", *(["answer"] if train else [])])):
         answers = entry.get("answer", [])
@@ -568,16 +558,17 @@ def load_vqa(path: Path, train: bool) -> list[dict]:
         samples.append({**sample, "answers": answers, "answer_type": entry.get("answer_type")})
     if len({s["id"] for s in samples}) != len(samples):
         raise InputError(f"{path}: question_id values are not unique")
+    unanswered = [s["id"] for s in samples if not s["answers"]]
+    if 0 < len(unanswered) < len(samples):
+        raise InputError(f"{path}: question {unanswered[0]} has no answers while others have")
     return samples
 
 
 # The embedded image datasets: every image has hidden attributes that the captions and answers name, so they can
-# only be read off the features. The features are what the last layer of a CLIP/BLIP ViT-B gives, the pooled token
-# first, then patch tokens: anisotropic, a large mean shared by every image (the pooled tokens of two random images
-# have cosine 0.67) with a few outlier dimensions ~30x larger than the rest (a ViT's massive activations); an
-# image's content (low rank, power-law spectrum) is shared by its tokens, the patches seeing it at `patch_share` of
-# the pooled token's weight beside their own local content (correlation 0.6 with the pooled token). Each attribute
-# is 10% of the pooled token's variance, more than in I3D: CLIP is trained to encode what captions name.
+# only be read off the features, made as a CLIP/BLIP ViT-B's last layer gives them (the pooled token, then patch
+# tokens): a large mean shared by every image, a few outlier dimensions ~30x the rest (a ViT's massive activations),
+# the image's content (low rank) shared by its tokens, the patches seeing it at `patch_share` of the pooled token's
+# weight beside their own local content. Attributes weigh more than in I3D: CLIP encodes what captions name.
 IMAGE_FEATURE_DIM = 768  # ViT-B/16 (CLIP, BLIP) patch/pooled width
 _IMAGE_PATCHES = 4  # the pooled token and 3 patches
 _IMAGE_ATTRIBUTES = {
@@ -593,33 +584,34 @@ _IMAGE_MODEL |= {"local": 0.2, "patch_noise": 0.1, "pooled_noise": 0.02}
 _IMAGE_OUTLIERS = 6  # outlier dimensions
 
 
-def _make_images(
-    root: Path, split: str, n_images: int, rng: np.random.Generator, model: dict, n_values=None, pixels=False
-) -> list[dict]:
-    """Write `n_images` feature files (`pixels`: images, see draw_image) of one split (`model`: _image_model);
-    returns their ids and hidden attributes (each drawn from the first `n_values` values of its attribute; None:
-    all). The features are drawn for images too, so both versions have the same annotations."""
-    (root / "images" / split if pixels else root / "features").mkdir(parents=True, exist_ok=True)
-    m, width = _IMAGE_MODEL, IMAGE_FEATURE_DIM
-    images = []
-    for i in range(n_images):
-        attrs = {attr: values[rng.integers(len(values[:n_values]))] for attr, values in _IMAGE_ATTRIBUTES.items()}
-        content = rng.standard_normal(_CONTENT_RANK, dtype=np.float32) @ model["basis"]
-        content += math.sqrt(m["isotropic"]) * rng.standard_normal(width, dtype=np.float32)
-        content += sum(model[attr, value] for attr, value in attrs.items())
-        tokens = np.stack([content] + [m["patch_share"] * content] * (_IMAGE_PATCHES - 1))
-        tokens[0] += math.sqrt(m["pooled_noise"]) * rng.standard_normal(width, dtype=np.float32)
-        tokens[1:] += _varying(rng, _IMAGE_PATCHES - 1, model["local_basis"], 0.0, m["patch_noise"])
-        image_id = f"{split}{i:04d}"
-        if pixels:
-            values = [_IMAGE_ATTRIBUTES[attr].index(attrs[attr]) for attr in ("color", "thing", "place", "count")]
-            draw_image(
-                root / "images" / split / f"{image_id}.jpg", *values, np.random.default_rng([*split.encode(), i])
-            )
-        else:
-            np.save(root / "features" / f"{image_id}.npy", (model["mean"] + model["gain"] * tokens).astype(np.float32))
-        images.append({"image_id": image_id, "image": f"{split}/{image_id}.jpg", **attrs})
-    return images
+def _make_images(root: Path, splits: dict[str, int], seed: int, pixels: bool, n_values: int | None = None):
+    """Per split (name → number of images): write its feature files (`pixels`: images, see draw_image), yield (split,
+    the images' ids and hidden attributes, the rng the annotations go on drawing from). Attributes are drawn from
+    their first `n_values` values (None: all); features are drawn for images too: both versions share annotations."""
+    rng = np.random.default_rng(seed)
+    model, m, width = _image_model(rng), _IMAGE_MODEL, IMAGE_FEATURE_DIM
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for split, n_images in splits.items():
+        (root / "images" / split if pixels else root / "features").mkdir(parents=True, exist_ok=True)
+        images = []
+        for i in range(n_images):
+            attrs = {attr: values[rng.integers(len(values[:n_values]))] for attr, values in _IMAGE_ATTRIBUTES.items()}
+            content = rng.standard_normal(_CONTENT_RANK, dtype=np.float32) @ model["basis"]
+            content += math.sqrt(m["isotropic"]) * rng.standard_normal(width, dtype=np.float32)
+            content += sum(model[attr, value] for attr, value in attrs.items())
+            tokens = np.stack([content] + [m["patch_share"] * content] * (_IMAGE_PATCHES - 1))
+            tokens[0] += math.sqrt(m["pooled_noise"]) * rng.standard_normal(width, dtype=np.float32)
+            tokens[1:] += _varying(rng, _IMAGE_PATCHES - 1, model["local_basis"], 0.0, m["patch_noise"])
+            image_id = f"{split}{i:04d}"
+            image = f"{split}/{image_id}.jpg"
+            if pixels:
+                values = [_IMAGE_ATTRIBUTES[attr].index(attrs[attr]) for attr in ("color", "thing", "place", "count")]
+                draw_image(root / "images" / image, *values, np.random.default_rng([*split.encode(), i]))
+            else:
+                features = model["mean"] + model["gain"] * tokens
+                np.save(root / "features" / f"{image_id}.npy", features.astype(np.float32))
+            images.append({"image_id": image_id, "image": image, **attrs})
+        yield split, images, rng
 
 
 # Pixels of the embedded datasets: each hidden attribute drawn. Colours by index of the "color" values; shapes by
@@ -717,12 +709,9 @@ CAPTIONS_VERSION = "captions-embedded-v2"
 
 
 def make_embedded_captions(root: Path, seed: int = 0, pixels: bool = False) -> None:
-    rng = np.random.default_rng(seed)
-    model = _image_model(rng)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, n_images in CAPTIONS_SPLITS.items():
+    for split, images, rng in _make_images(root, CAPTIONS_SPLITS, seed, pixels):
         entries = []
-        for image in _make_images(root, split, n_images, rng, model, pixels=pixels):
+        for image in images:
             key = {"image": image["image"], "image_id": image["image_id"]}
             captions = [_CAPTIONS[k].format(**image) for k in rng.permutation(len(_CAPTIONS))]
             if split == "train":  # the Karpathy layout: one entry per caption
@@ -740,13 +729,10 @@ def make_embedded_vqa(root: Path, seed: int = 0, pixels: bool = False) -> None:
     """Questions of three answer types; the 10 human answers vary in spelling ("two", "2", "Red.") as real VQA
     answers do, and one or two annotators of ten disagree, so the consensus and the official accuracy's answer
     processing (which matches only some spellings) matter."""
-    rng = np.random.default_rng(seed)
-    model = _image_model(rng)
     digits = {"one": "1", "two": "2", "three": "3", "four": "4"}
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, n_images in VQA_SPLITS.items():
+    for split, images, rng in _make_images(root, VQA_SPLITS, seed, pixels):
         entries = []
-        for image in _make_images(root, split, n_images, rng, model, pixels=pixels):
+        for image in images:
             asked_color = _IMAGE_ATTRIBUTES["color"][rng.integers(6)] if rng.random() < 0.5 else image["color"]
             plain, period, title = str, "{}.".format, str.title
             thing, yes_no = image["thing"], "yes" if asked_color == image["color"] else "no"
@@ -801,13 +787,10 @@ def make_embedded_snli_ve(root: Path, seed: int = 0, pixels: bool = False) -> No
     """Three sentences per image, one per label. Entailment names the image's thing and colour; contradiction its
     thing with another colour; neutral another thing (whose colour the image cannot tell). Every sentence is
     equally likely under every label, so only the image decides."""
-    rng = np.random.default_rng(seed)
-    model = _image_model(rng)
     colors, things = _IMAGE_ATTRIBUTES["color"][:SNLI_VE_VALUES], _IMAGE_ATTRIBUTES["thing"][:SNLI_VE_VALUES]
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, n_images in SNLI_VE_SPLITS.items():
+    for split, images, rng in _make_images(root, SNLI_VE_SPLITS, seed, pixels, SNLI_VE_VALUES):
         entries = []
-        for image in _make_images(root, split, n_images, rng, model, SNLI_VE_VALUES, pixels):
+        for image in images:
             stated = {
                 "entailment": (image["color"], image["thing"]),
                 "contradiction": (rng.choice([c for c in colors if c != image["color"]]), image["thing"]),
@@ -868,11 +851,8 @@ def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
     width = max(len(s) for s in seqs)
     out = np.full((len(seqs), width), value, dtype=np.int64)  # numpy: filling rows from lists is 4x torch's cost
     for i, s in enumerate(seqs):
-        if s:
-            if left:
-                out[i, width - len(s) :] = s
-            else:
-                out[i, : len(s)] = s
+        start = width - len(s) if left else 0
+        out[i, start : start + len(s)] = s
     return torch.from_numpy(out)
 
 
@@ -911,12 +891,10 @@ def stack_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Te
     """Right-pad variable-length (T, D) features into (B, T_max, D) plus a (B, T_max) bool mask of real frames."""
     width = max(a.shape[0] for a in arrays)
     out = batch_tensor((len(arrays), width, arrays[0].shape[1]))
-    mask = torch.zeros(len(arrays), width, dtype=torch.bool)
     for i, a in enumerate(arrays):
         out[i, : a.shape[0]] = torch.from_numpy(a)
         out[i, a.shape[0] :] = 0
-        mask[i, : a.shape[0]] = True
-    return out, mask
+    return out, torch.arange(width) < torch.tensor([a.shape[0] for a in arrays])[:, None]
 
 
 def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:

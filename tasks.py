@@ -138,8 +138,7 @@ class TaskConfig:
     log_every: int = 10
     """Log training metrics every N steps."""
     bf16: bool = True
-    """bf16 on GPU (ignored on CPU): autocast; with --fsdp, weights gathered and used in bf16, gradients reduced in
-    fp32."""
+    """bf16 on GPU (ignored on CPU): autocast; with --fsdp, weights gathered and used in bf16, gradients in fp32."""
     compile: bool = False
     """torch.compile the model for training (GPU; the first steps are slow while it compiles)."""
     fsdp: bool = False
@@ -164,9 +163,8 @@ class TaskConfig:
             raise ValueError("--resume auto needs --output-dir (the run to continue)")
         if self.fsdp and self.compile:
             raise ValueError("--compile does not combine with --fsdp (not supported): drop one of them")
-        if self.cache_features is not None and (
-            not re.fullmatch(r"[\w.-]+", self.cache_features) or not self.model.vision
-        ):
+        plain_name = re.fullmatch(r"[\w.-]+", self.cache_features or "")
+        if self.cache_features is not None and not (plain_name and self.model.vision):
             raise ValueError("--cache-features NAME needs --model.vision (the tower) and a plain NAME (a directory)")
         if self.model.vision and self.data.features:
             raise ValueError("--data.features reads cached features, --model.vision encodes pixels: choose one")
@@ -194,14 +192,10 @@ class GenerationConfig(TaskConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The registry: task name → (task class, default config). Each task adds its entry right after its class; a variant
-# of a task is another entry with `dataclasses.replace` of its default config.
+# The base task, and the registry: task name → (task class, default config). Each task adds its entry right after its
+# class; a variant of a task is another entry with `dataclasses.replace` of its default config.
 
 TASKS: dict[str, tuple[type["BaseTask"], TaskConfig]] = {}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The base task
 
 
 class BaseTask:
@@ -224,10 +218,9 @@ class BaseTask:
         raise NotImplementedError
 
     def build_vision(self, train_set: Dataset) -> nn.Module:
-        """The visual front end the model reads through: the dataset's features (models.FeatureInput, standardised
-        with the training split's statistics unless --model.no-feature-norm), or with --model.vision its images or
-        videos through the tower (models.VisionTower; `pixels` in the samples; its tokens as they are, extra feature
-        streams such as VGGish standardised as features are)."""
+        """The visual front end: the dataset's features (models.FeatureInput, standardised with the training split's
+        statistics unless --model.no-feature-norm), or with --model.vision its images or videos through the tower
+        (models.VisionTower: its tokens as they are, extra feature streams such as VGGish standardised)."""
         import models
 
         if self.cfg.model.vision is None:
@@ -254,8 +247,7 @@ class BaseTask:
         return min(tokens, len(sample["features"])) if "features" in sample else tokens
 
     def visual_batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        """The samples' visual input as the front end reads it: features padded to the longest, with their mask;
-        pixels stacked."""
+        """The front end's input: features padded to the longest, with their mask; pixels stacked."""
         batch = {}
         if "features" in samples[0]:
             batch["features"], batch["feature_mask"] = data.stack_features([s["features"] for s in samples])
@@ -306,16 +298,15 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     from pycocoevalcap.rouge.rouge import Rouge
 
     ids = sorted(predictions)
-    bleu = functools.partial(Bleu(4).compute_score, verbose=0)
+    scorers = [(functools.partial(Bleu(4).compute_score, verbose=0), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
     if shutil.which("java"):
         res = ptb_tokenize({i: [predictions[i]] for i in ids})
         gts = ptb_tokenize({i: references[i] for i in ids})
-        scorers = [(bleu, ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (meteor_scorer().compute_score, ["METEOR"])]
+        scorers.append((meteor_scorer().compute_score, ["METEOR"]))
     else:
         print("warning: java not found: Python tokenizer instead of PTB, METEOR skipped", file=sys.stderr)
         res = {i: [simple_tokenize(predictions[i])] for i in ids}
         gts = {i: [simple_tokenize(r) for r in references[i]] for i in ids}
-        scorers = [(bleu, ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
     scorers += [(Rouge().compute_score, ["ROUGE_L"]), (Cider().compute_score, ["CIDEr"])]
     metrics = {}
     for compute_score, names in scorers:
@@ -527,9 +518,7 @@ class DialogueTask(LMTask):
         <video>, <cap>, <speaker1> (questions), <speaker2> (answers). Train: right-padded, labels only on the
         answer and its <eos>. Eval: the prompt up to <speaker2>, left-padded so beam search continues each row."""
         tok, sep = self.token, self.separator
-        texts = [
-            [s["caption"] + " " + s["summary"], *(t for qa in s["history"] for t in qa), s["question"]] for s in samples
-        ]
+        texts = [[s["caption"] + " " + s["summary"], *itertools.chain(*s["history"]), s["question"]] for s in samples]
         encoded = self.token_ids([t for ts in texts for t in ts] + [s["answer"] for s in samples])
         answers, parts = encoded[-len(samples) :], iter(encoded)
         prompts = []
@@ -659,12 +648,7 @@ class VQATask(LMTask):
     cfg: VQAConfig
 
     def build_datasets(self) -> dict[str, Dataset]:
-        datasets = image_datasets(self.cfg, data.VQA_VERSION, data.make_embedded_vqa, data.load_vqa)
-        for split, dataset in datasets.items():
-            unanswered = [s["id"] for s in dataset.samples if not s["answers"]]
-            if unanswered and len(unanswered) < len(dataset.samples):
-                raise InputError(f"{split} split: question {unanswered[0]} has no answers while others have")
-        return datasets
+        return image_datasets(self.cfg, data.VQA_VERSION, data.make_embedded_vqa, data.load_vqa)
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [t for s in train_set.samples for t in (s["question"], consensus_answer(s["answers"]))]
@@ -673,8 +657,7 @@ class VQATask(LMTask):
         model = super().build_model(train_set, tokenizer_dir)
         if self.cfg.inference_method == "rank":
             self.candidates = self.answer_candidates(train_set)
-            encoded = self.token_ids(self.candidates)
-            answers = [[*a, self.token["<eos>"]] for a in encoded]
+            answers = [[*a, self.token["<eos>"]] for a in self.token_ids(self.candidates)]
             self.candidate_ids = data.pad(answers, self.token["<pad>"])
             self.candidate_mask = data.pad([[1] * len(a) for a in answers], 0).bool()
         return model
@@ -864,8 +847,7 @@ class EncoderTask(BaseTask):
         return models.build_text_encoder(cfg, self.tokenizer)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Each text framed as its tokenizer frames one ([CLS] text [SEP]; RoBERTa's <s> text </s>), cut to
-        --max-text-len, right-padded."""
+        """Texts framed as the tokenizer frames one ([CLS] text [SEP], <s> text </s>), cut to --max-text-len, padded."""
         out = self.tokenizer(
             texts, truncation=True, max_length=self.cfg.max_text_len, padding=True, padding_side="right"
         )
@@ -903,8 +885,7 @@ class RetrievalTask(EncoderTask):
 
     @staticmethod
     def load(path: Path, train: bool) -> list[dict]:
-        """Captions as for captioning, plus `image_index` numbering the split's images: captions of the same image
-        are positives for each other."""
+        """Captions as for captioning, plus `image_index` numbering the split's images (its captions are positives)."""
         samples = data.load_captions(path, train)
         index = {}
         for sample in samples:
@@ -960,33 +941,29 @@ class RetrievalTask(EncoderTask):
         text_owner = torch.tensor([n for n, e in enumerate(embedded) for _ in range(len(e["texts"]))])
         image_ids = [e["id"] for e in embedded]
         text_ids = [f"{e['id']}#{k}" for e in embedded for k in range(len(e["texts"]))]
+        image_owner = torch.arange(len(images))  # an image query's positives: the texts it owns
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        image_queries = torch.arange(len(images))[rank::world]
-        text_queries = torch.arange(len(texts))[rank::world]
         results = []
-        ranks, top = retrieval_ranks(images[image_queries], image_queries, texts, text_owner, self.TOP_K, self.CHUNK)
-        for q, r, t in zip(image_queries.tolist(), ranks.tolist(), top.tolist(), strict=True):
-            results.append({"id": f"image {image_ids[q]}", "rank": r, "top": [text_ids[i] for i in t]})
-        ranks, top = retrieval_ranks(
-            texts[text_queries], text_owner[text_queries], images, torch.arange(len(images)), self.TOP_K, self.CHUNK
-        )
-        for q, r, t in zip(text_queries.tolist(), ranks.tolist(), top.tolist(), strict=True):
-            results.append({"id": f"text {text_ids[q]}", "rank": r, "top": [image_ids[i] for i in t]})
+        for kind, queries, owner, query_ids, gallery, gallery_owner, gallery_ids in (
+            ("image", images, image_owner, image_ids, texts, text_owner, text_ids),
+            ("text", texts, text_owner, text_ids, images, image_owner, image_ids),
+        ):
+            mine = torch.arange(len(queries))[rank::world]
+            ranks, top = retrieval_ranks(queries[mine], owner[mine], gallery, gallery_owner, self.TOP_K, self.CHUNK)
+            for q, r, t in zip(mine.tolist(), ranks.tolist(), top.tolist(), strict=True):
+                results.append({"id": f"{kind} {query_ids[q]}", "rank": r, "top": [gallery_ids[i] for i in t]})
         return gather_results(results)
 
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
-        return recall_metrics(
-            [r["rank"] for r in results if r["id"].startswith("image ")],
-            [r["rank"] for r in results if r["id"].startswith("text ")],
-        )
+        ranks = {kind: [r["rank"] for r in results if r["id"].startswith(kind + " ")] for kind in ("image", "text")}
+        return recall_metrics(ranks["image"], ranks["text"])
 
 
 TASKS["retrieval"] = (RetrievalTask, RetrievalConfig())
 
 
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's `x` concatenated along dim 0 (same shape on every rank), differentiable: gradients flowing
-    into another rank's part are sent back to it and summed there."""
+    """All ranks' `x` (same shape) concatenated on dim 0, differentiable: each part's gradient returns to its rank."""
     if not dist.is_initialized():
         return x
     from torch.distributed.nn.functional import all_gather
@@ -1049,12 +1026,8 @@ class ClassificationTask(EncoderTask):
         return models.FusionClassifier(encoder, self.build_vision(train_set), len(self.LABELS))
 
     def collate(self, samples: list[dict], train: bool) -> dict:
-        return {
-            **self.visual_batch(samples),
-            **self.encode([s["sentence"] for s in samples]),
-            "labels": torch.tensor([s["label"] for s in samples]),
-            "ids": [s["id"] for s in samples],
-        }
+        batch = {**self.visual_batch(samples), **self.encode([s["sentence"] for s in samples])}
+        return {**batch, "labels": torch.tensor([s["label"] for s in samples]), "ids": [s["id"] for s in samples]}
 
     def train_step(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         loss = nn.functional.cross_entropy(model(batch), batch["labels"], reduction="sum")
