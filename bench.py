@@ -2,7 +2,7 @@
 path keep up, does evaluation scale over ranks, how fast does it start, how does cost grow with the dataset.
 
     pip install -r requirements.txt -r requirements-bench.txt
-    python bench.py                    # everything (~25 min on 2 CPU cores); --only startup loop loop-llama
+    python bench.py                    # everything (12-25 min on 2 CPU cores); --only startup loop loop-llama
                                        # data eval pixels gpu
     bash bench_gpu.sh                  # the gpu section alone, Python and packages set up (see the script)
 
