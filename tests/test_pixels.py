@@ -387,6 +387,26 @@ def test_learns_from_pixels_and_swapping_images_hurts(tmp_path, monkeypatch):
     assert after > 1.5 and swapped < after / 2, (after, swapped)
 
 
+@pytest.mark.slow
+def test_learns_from_videos_and_swapping_them_hurts(tmp_path):
+    """Dialogue on the embedded videos: 2 frames a video through the small frozen tower (no audio, no features).
+    After 300 steps the best checkpoint's val CIDEr is clearly above its own with every video swapped for another
+    (measured 4.03 / 2.80, seeds 1 and 2: 3.89 / 2.51, 4.08 / 2.88): the colour answers come from the frames."""
+    root = tmp_path / "data"
+    data.make_embedded_avsd(root, pixels=True)
+    (root / "annotations" / "test.json").unlink()
+    common = ["dialogue", "--data.root", str(root), "--model.vision", "small", "--data.num-frames", "2"]
+    common += ["--num-beams", "1", "--data.num-workers", "1"]
+    run, swapped_dir = tmp_path / "run", tmp_path / "swapped"
+    train.main([*common, "--max-steps", "300", "--eval-every", "300", "--output-dir", str(run)])
+    after = [m["val/CIDEr"] for m in read_metrics(run) if "val/CIDEr" in m][-1]
+    train.main([*common, "--evaluate", "--resume", str(run / "ckpt_best.pt"), "--data.shuffle-features",
+                "--output-dir", str(swapped_dir)])  # fmt: skip
+    swapped = [m["val/CIDEr"] for m in read_metrics(swapped_dir) if "val/CIDEr" in m][-1]
+    print(f"dialogue CIDEr from videos {after:.3f}, videos swapped {swapped:.3f}")
+    assert after > 3.0 and swapped < after - 0.8, (after, swapped)
+
+
 def test_preset_is_lavis_blip_captioning_at_384_px():
     path = Path(__file__).resolve().parent.parent / "configs" / "caption_coco_pixels.yaml"
     cfg = tasks.load_preset(path, "captioning", tasks.TASKS["captioning"][1])
