@@ -138,20 +138,72 @@ def load_weights(auto, name: str, field: str = "name", spare: Callable = lambda 
     """`auto.from_pretrained(name)`, in float32 unless `kwargs` say. A checkpoint that lacks weights of the model its
     config describes (another architecture, a broken save) is an error naming them, never a silently re-initialised
     model, unless `spare(model)` names them (weights the output does not depend on); weights it has beyond the model
-    are fine (heads left out: BERT's MLM head, CLIP's image tower)."""
+    are fine (heads left out: BERT's MLM head, CLIP's image tower). Weights of another shape make transformers refuse
+    the checkpoint (its wording varies by release): then the report comes from the files' headers (`unfit_weights`)."""
     quiet_transformers()
-    kwargs = dict(output_loading_info=True, ignore_mismatched_sizes=True, dtype=torch.float32) | kwargs
-    model, info = pretrained(partial(auto.from_pretrained, **kwargs), name, "model", field)
-    missing = info["missing_keys"] | {k[0] for k in info["mismatched_keys"]}
-    missing, unexpected = sorted(missing - spare(model)) if missing else [], sorted(info["unexpected_keys"])
+    kwargs = dict(output_loading_info=True, dtype=torch.float32) | kwargs
+    try:
+        model, info = pretrained(partial(auto.from_pretrained, **kwargs), name, "model", field)
+    except LoadError:
+        report = unfit_weights(auto, name, kwargs) if Path(name).expanduser().is_dir() else None
+        if report is None:
+            raise
+        described, missing, unexpected = report
+    else:
+        described, missing = type(model).__name__, set(info["missing_keys"])
+        missing, unexpected = sorted(missing - spare(model)) if missing else [], sorted(info["unexpected_keys"])
     if missing:
         reason = (
-            f"its checkpoint does not fit {type(model).__name__}, the model its config.json describes: "
+            f"its checkpoint does not fit {described}, the model its config.json describes: "
             f"{len(missing)} weights missing or of another shape ({', '.join(missing[:2])}, ...), "
             f"{len(unexpected)} unexpected ({', '.join(unexpected[:2])}, ...)"
         )
         raise LoadError(field, name, reason)
     return model
+
+
+def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in a save_pretrained directory, from the file headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            shapes |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    for file in sorted(directory.glob("pytorch_model*.bin")):
+        state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+        shapes |= {key: tuple(value.shape) for key, value in state.items()}
+    return shapes
+
+
+def unfit_weights(auto, name: str, kwargs: dict) -> tuple[str, list[str], list[str]] | None:
+    """(model class, its weights the checkpoint lacks or has in another shape, checkpoint tensors the model lacks),
+    comparing the model that the directory's config builds, on the meta device, with the checkpoint's headers;
+    names are compared without the model's base prefix (`transformer.`, `bert.`), as transformers loads them. Tied
+    weights count once. None when the directory holds no readable checkpoint or config."""
+    from transformers import AutoConfig
+
+    directory = Path(name).expanduser()
+    try:
+        shapes = checkpoint_shapes(directory)
+        config = kwargs.get("config") or AutoConfig.from_pretrained(directory)
+        extra = {k: v for k, v in kwargs.items() if k not in ("config", "dtype", "output_loading_info")}
+        with torch.device("meta"):
+            model = auto.from_config(config, **extra) if hasattr(auto, "from_config") else auto(config, **extra)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None
+    prefix = f"{model.base_model_prefix}."
+
+    def bare(key: str) -> str:
+        return key.removeprefix(prefix)
+
+    found = {bare(key): shape for key, shape in shapes.items()}
+    names = {}  # a tied weight (GPT-2's lm_head and wte) is one tensor under several names: any one of them will do
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), (tuple(tensor.shape), []))[1].append(bare(key))
+    missing = sorted(keys[0] for shape, keys in names.values() if all(found.get(key) != shape for key in keys))
+    known = {key for _, keys in names.values() for key in keys}
+    return type(model).__name__, missing, sorted(key for key in found if key not in known)
 
 
 def adapt(model, cfg: ModelConfig, tokenizer):

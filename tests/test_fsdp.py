@@ -115,7 +115,9 @@ def test_fsdp_on_two_ranks_trains_like_one_process(runs, tmp_path):
     theirs = comparable_weights(torch.load(runs["one"] / "ckpt_last.pt", weights_only=True)["model"])
     assert ours.keys() == theirs.keys()
     for key, value in theirs.items():
-        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=2e-5, msg=key)  # as test_trust: Adam on rounding
+        # Adam turns rounding-level gradient differences into updates of up to ~lr: an element whose gradient is
+        # near zero can move 2-3e-5 apart over 6 steps at lr 3e-3 (still 100x below one Adam step).
+        torch.testing.assert_close(ours[key], value, rtol=1e-4, atol=5e-5, msg=key)
 
 
 def test_fsdp_resume_is_exact(runs, tmp_path):
