@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, run_train
 from helpers import read_metrics, shuffled_val_metric, train_ok, untrained_metrics
 
+import metrics
 import tasks
 from data import InputError
 
@@ -67,7 +68,7 @@ def test_loader_errors_name_the_problem(tmp_path, entry, message):
 def test_accuracy_by_hand():
     labels = ["entailment", "entailment", "neutral", "contradiction", "contradiction", "contradiction"]
     predictions = ["entailment", "neutral", "neutral", "contradiction", "entailment", "contradiction"]
-    m = tasks.accuracy_metrics(predictions, labels, tasks.ClassificationTask.LABELS)
+    m = metrics.accuracy_metrics(predictions, labels, tasks.ClassificationTask.LABELS)
     assert m["accuracy"] == m["agg_metrics"] == pytest.approx(400 / 6)
     assert m["acc_entailment"] == 50 and m["acc_neutral"] == 100 and m["acc_contradiction"] == pytest.approx(200 / 3)
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 import data
+import metrics
 import tasks
 import train
 from data import InputError
@@ -124,5 +125,5 @@ def test_stdout_holds_only_the_runs_lines_and_evaluation_has_a_bar(tmp_path, cap
     assert lines[0].startswith("run dir ") and all(line.startswith("step 1 ") for line in lines[1:]), out
     assert any(line.startswith("step 1 test: ") for line in lines), out
     assert "eval val" in err and "eval test" in err  # rank 0's evaluation bars
-    tasks.ptb_tokenize({"a": ["x"]})  # and the tokenizer itself: what it says stays with it
+    metrics.ptb_tokenize({"a": ["x"]})  # and the tokenizer itself: what it says stays with it
     assert capfd.readouterr() == ("", "")

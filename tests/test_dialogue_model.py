@@ -10,6 +10,7 @@ import torch
 from helpers import save_lm_family
 from test_avsd_data import multiref_dialog, ten_turn_dialog, write_avsd
 
+import metrics
 import models
 import tasks
 from models import ModelConfig
@@ -109,7 +110,7 @@ def test_pretrained_model_and_tokenizer_load_from_a_local_directory(built, tmp_p
 
 def test_every_reference_of_a_multi_reference_file_goes_to_the_scorer(built, tmp_path, monkeypatch):
     task, _, _ = built
-    monkeypatch.setattr(tasks.shutil, "which", lambda name: None)  # the Python tokenizer: no Java to start
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)  # the Python tokenizer: no Java to start
     root = write_avsd(tmp_path, [multiref_dialog("CGRUM"), multiref_dialog("M8TPH")])
     samples = [
         {**s, "features": np.ones((7, 4224), np.float32)}
@@ -129,14 +130,16 @@ def test_every_reference_of_a_multi_reference_file_goes_to_the_scorer(built, tmp
 
 def test_caption_metrics_on_hand_checkable_inputs():
     refs = {"1": ["a man is cooking pasta today"], "2": ["the dog runs across green grass"]}
-    perfect = tasks.caption_metrics({"1": "a man is cooking pasta today", "2": "the dog runs across green grass"}, refs)
+    perfect = metrics.caption_metrics(
+        {"1": "a man is cooking pasta today", "2": "the dog runs across green grass"}, refs
+    )
     assert perfect["Bleu_1"] == pytest.approx(1.0) and perfect["Bleu_4"] == pytest.approx(1.0, abs=1e-6)
     assert perfect["ROUGE_L"] == pytest.approx(1.0) and perfect["METEOR"] > 0.9
     assert perfect["CIDEr"] == pytest.approx(10.0, rel=1e-3)  # CIDEr-D of an exact match is 10
-    wrong = tasks.caption_metrics({"1": "xylophone", "2": "zebra"}, refs)
+    wrong = metrics.caption_metrics({"1": "xylophone", "2": "zebra"}, refs)
     assert wrong["Bleu_1"] < 1e-6 and wrong["ROUGE_L"] == 0 and wrong["CIDEr"] == 0
     # unigram precision 3/3 with brevity penalty exp(1 - 6/3)
-    half = tasks.caption_metrics({"1": "a man is", "2": "the dog runs"}, refs)
+    half = metrics.caption_metrics({"1": "a man is", "2": "the dog runs"}, refs)
     assert half["Bleu_1"] == pytest.approx(math.exp(1 - 12 / 6), rel=1e-3)
 
 
@@ -150,16 +153,16 @@ def test_ptb_tokenize_equals_pycocoevalcaps_tokenizer_and_raises_when_java_fails
         "c": ["$5 --"],
     }
     expected = ptbtokenizer.PTBTokenizer().tokenize({k: [{"caption": t} for t in v] for k, v in texts.items()})
-    assert tasks.ptb_tokenize(texts) == expected
+    assert metrics.ptb_tokenize(texts) == expected
     monkeypatch.setattr(ptbtokenizer, "STANFORD_CORENLP_3_4_1_JAR", "missing.jar")
     with pytest.raises(RuntimeError, match=r"PTB tokenizer failed \(exit 1\): .*PTBTokenizer"):
-        tasks.ptb_tokenize(texts)
+        metrics.ptb_tokenize(texts)
 
 
 def test_caption_metrics_without_java_fall_back_and_say_so(monkeypatch, capsys):
-    monkeypatch.setattr(tasks.shutil, "which", lambda name: None)
-    metrics = tasks.caption_metrics({"1": "A man, cooking!"}, {"1": ["a man cooking"]})
-    assert "METEOR" not in metrics and metrics["Bleu_1"] == pytest.approx(1.0)
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    scores = metrics.caption_metrics({"1": "A man, cooking!"}, {"1": ["a man cooking"]})
+    assert "METEOR" not in scores and scores["Bleu_1"] == pytest.approx(1.0)
     assert "java not found" in capsys.readouterr().err
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import ROOT, free_port
 from helpers import read_metrics, shuffled_val_metric, train_ok, untrained_metrics
 
+import metrics
 import tasks
 from data import InputError
 
@@ -88,12 +89,12 @@ def test_recall_by_hand():
     )
     text_owner = torch.tensor([0, 0, 1, 1, 2, 2])
     # Ranking with the identity as "embeddings" turns the table above into scores.
-    ranks, top = tasks.retrieval_ranks(sims, torch.arange(3), torch.eye(6), text_owner, k=2, chunk=2)
+    ranks, top = metrics.retrieval_ranks(sims, torch.arange(3), torch.eye(6), text_owner, k=2, chunk=2)
     assert ranks.tolist() == [0, 1, 4]
     assert top.tolist() == [[0, 2], [0, 3], [0, 1]]
     text_ranks = [0, 1, 4]
     image_ranks = [0, 0, 1, 2, 0, 9]  # text → image, given
-    m = tasks.recall_metrics(text_ranks, image_ranks)
+    m = metrics.recall_metrics(text_ranks, image_ranks)
     assert m["txt_r1"] == pytest.approx(100 / 3) and m["txt_r5"] == 100 and m["txt_r10"] == 100
     assert m["img_r1"] == pytest.approx(50) and m["img_r5"] == pytest.approx(500 / 6) and m["img_r10"] == 100
     assert m["txt_r_mean"] == pytest.approx((100 / 3 + 200) / 3)
@@ -106,14 +107,14 @@ def test_chunked_ranks_match_dense_reference():
     images = torch.nn.functional.normalize(torch.randn(37, 16), dim=-1)
     texts = torch.nn.functional.normalize(torch.randn(111, 16), dim=-1)
     owner = torch.arange(111) % 37
-    ranks, top = tasks.retrieval_ranks(images, torch.arange(37), texts, owner, k=5, chunk=4)
+    ranks, top = metrics.retrieval_ranks(images, torch.arange(37), texts, owner, k=5, chunk=4)
     # Dense reference, LAVIS's way: sort each row, the best position of any ground-truth caption.
     dense = images @ texts.T
     order = dense.argsort(dim=1, descending=True)
     expected = [min((order[i] == t).nonzero().item() for t in (owner == i).nonzero().flatten()) for i in range(37)]
     assert ranks.tolist() == expected
     assert torch.equal(top, order[:, :5])
-    ranks, _ = tasks.retrieval_ranks(texts, owner, images, torch.arange(37), k=5, chunk=10)
+    ranks, _ = metrics.retrieval_ranks(texts, owner, images, torch.arange(37), k=5, chunk=10)
     order = dense.T.argsort(dim=1, descending=True)
     assert ranks.tolist() == [(order[t] == owner[t]).nonzero().item() for t in range(111)]
 

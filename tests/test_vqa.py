@@ -12,6 +12,7 @@ import torch
 from helpers import write_image_dataset
 
 import data
+import metrics
 import tasks
 import train
 from data import InputError
@@ -111,7 +112,7 @@ def test_loader_reads_vqav2_entries(tmp_path):
     assert first["answer_type"] == "other" and len(first["answers"]) == 10
     assert second["answers"] == ["two"] and second["answer_type"] is None  # one answer string, no type
     assert datasets["train"][0]["features"].shape == (4, WIDTH)
-    assert tasks.consensus_answer(first["answers"]) == "red"
+    assert metrics.consensus_answer(first["answers"]) == "red"
 
 
 @pytest.mark.parametrize(

@@ -2,16 +2,16 @@
 lavis/common/vqa_tools/vqa_eval.py) on a few hundred generated tricky cases.
 
 `OfficialVQAEval` below is a literal transcription of that code's algorithm, written for this test and kept apart from
-tasks.py on purpose: its tables are typed out as the official file has them (capitalised keys and odd entries
+metrics.py on purpose: its tables are typed out as the official file has them (capitalised keys and odd entries
 included), its answers are the annotation's dicts with an answer_id, and it mutates them in place as the original
-does. tasks.py's compact version must agree with it to the last bit."""
+does. metrics.py's compact version must agree with it to the last bit."""
 
 import random
 import re
 
 import pytest
 
-from tasks import answer_accuracy, normalize_answer, process_punctuation, vqa_accuracy
+from metrics import answer_accuracy, normalize_answer, process_punctuation, vqa_accuracy
 
 # The official tables, typed out as the file has them.
 CONTRACTIONS = {
@@ -173,7 +173,7 @@ def official(cases: list[dict]):
 
 
 def symmetric_accuracy(prediction: str, answers: list[str]) -> float:
-    """The old scorer: both sides fully normalised (what tasks.py did before)."""
+    """The old scorer: both sides fully normalised (what an earlier version did)."""
     matches = [normalize_answer(a) == normalize_answer(prediction) for a in answers]
     return sum(min(1.0, (sum(matches) - m) / 3) for m in matches) / len(matches)
 
