@@ -591,9 +591,10 @@ def bench_startup(args, work: Path, env: dict) -> dict:
             subprocess.run(cmd, env=env, check=True, capture_output=True)
             walls[label].append(time.perf_counter() - start)
     result = {f"{label}_s": median(times) for label, times in walls.items()}
-    import data
 
-    data.embedded_root(work / "cache", data.EMBEDDED_VERSION, data.make_embedded_avsd)  # not part of start-up
+    import embedded
+
+    embedded.embedded_root(work / "cache", embedded.EMBEDDED_VERSION, embedded.make_embedded_avsd)  # not start-up
     firsts = []
     for i in range(args.repeats):
         out = work / f"first-step-{i}"

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import data
+import embedded
 import metrics
 from data import InputError
 from models import ModelConfig
@@ -440,8 +441,8 @@ class DialogueTask(LMTask):
             raise InputError("dialogue reads its feature streams from --features (e.g. --features NAME vggish)")
         streams = cfg.features if cfg.features is not None else () if cfg.model.vision else tuple(data.AVSD_STREAMS)
         pixels = cfg.model.vision is not None or not set(streams) <= set(data.AVSD_STREAMS)
-        make = data.make_embedded_avsd
-        root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, data.EMBEDDED_VERSION, make, pixels)
+        make = embedded.make_embedded_avsd
+        root = cfg.data.root or embedded.embedded_root(cfg.data.cache_dir, embedded.EMBEDDED_VERSION, make, pixels)
         widths = {s: data.AVSD_STREAMS.get(s) for s in streams}
         store = data.FeatureStore(root / "features", widths, cfg.data.max_feature_len) if streams else None
         load = functools.partial(data.load_avsd, max_turns=cfg.max_turns)
@@ -503,11 +504,11 @@ class ImageGenerationConfig(GenerationConfig):
         at_least(self, feature_dim=1)
 
 
-def image_datasets(cfg: ImageGenerationConfig, embedded: str, make_embedded, load) -> dict[str, Dataset]:
+def image_datasets(cfg: ImageGenerationConfig, version: str, make_embedded, load) -> dict[str, Dataset]:
     """Features ROOT/features/{id}.npy (--data.features NAME: ROOT/features/NAME/{id}.npy), or with --model.vision
     images ROOT/images/{entry's "image"}. The embedded default has images with either of those two flags."""
     pixels = cfg.model.vision is not None or cfg.data.features is not None
-    root = cfg.data.root or data.embedded_root(cfg.data.cache_dir, embedded, make_embedded, pixels)
+    root = cfg.data.root or embedded.embedded_root(cfg.data.cache_dir, version, make_embedded, pixels)
     store = None
     if cfg.data.features:
         store = data.FeatureStore(root / "features", {cfg.data.features: None}, cfg.data.max_feature_len)
@@ -530,7 +531,7 @@ class CaptioningTask(LMTask):
     cfg: CaptioningConfig
 
     def build_datasets(self) -> dict[str, Dataset]:
-        return image_datasets(self.cfg, data.CAPTIONS_VERSION, data.make_embedded_captions, data.load_captions)
+        return image_datasets(self.cfg, embedded.CAPTIONS_VERSION, embedded.make_embedded_captions, data.load_captions)
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [s["caption"] for s in train_set.samples]
@@ -585,7 +586,7 @@ class VQATask(LMTask):
     cfg: VQAConfig
 
     def build_datasets(self) -> dict[str, Dataset]:
-        return image_datasets(self.cfg, data.VQA_VERSION, data.make_embedded_vqa, data.load_vqa)
+        return image_datasets(self.cfg, embedded.VQA_VERSION, embedded.make_embedded_vqa, data.load_vqa)
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [t for s in train_set.samples for t in (s["question"], metrics.consensus_answer(s["answers"]))]
@@ -745,7 +746,7 @@ class RetrievalTask(EncoderTask):
 
     def build_datasets(self) -> dict[str, Dataset]:
         """The captioning layout and its embedded default (COCO/Flickr retrieval annotations have the same shape)."""
-        return image_datasets(self.cfg, data.CAPTIONS_VERSION, data.make_embedded_captions, self.load)
+        return image_datasets(self.cfg, embedded.CAPTIONS_VERSION, embedded.make_embedded_captions, self.load)
 
     @staticmethod
     def load(path: Path, train: bool) -> list[dict]:
@@ -799,12 +800,12 @@ class RetrievalTask(EncoderTask):
     def evaluation(self, model: nn.Module, loader, move) -> list[dict]:
         """Every rank embeds its shard of images and their captions; the embeddings are gathered, each rank ranks
         the gallery for its share of the queries (in chunks), and only ranks and top ids are gathered back."""
-        embedded = super().evaluation(model, loader, move)
-        images = torch.stack([e["image"] for e in embedded])
-        texts = torch.cat([e["texts"] for e in embedded])
-        text_owner = torch.tensor([n for n, e in enumerate(embedded) for _ in range(len(e["texts"]))])
-        image_ids = [e["id"] for e in embedded]
-        text_ids = [f"{e['id']}#{k}" for e in embedded for k in range(len(e["texts"]))]
+        encoded = super().evaluation(model, loader, move)
+        images = torch.stack([e["image"] for e in encoded])
+        texts = torch.cat([e["texts"] for e in encoded])
+        text_owner = torch.tensor([n for n, e in enumerate(encoded) for _ in range(len(e["texts"]))])
+        image_ids = [e["id"] for e in encoded]
+        text_ids = [f"{e['id']}#{k}" for e in encoded for k in range(len(e["texts"]))]
         image_owner = torch.arange(len(images))  # an image query's positives: the texts it owns
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         results = []
@@ -854,7 +855,7 @@ class ClassificationTask(EncoderTask):
 
     def build_datasets(self) -> dict[str, Dataset]:
         return image_datasets(
-            self.cfg, data.SNLI_VE_VERSION, data.make_embedded_snli_ve, lambda p, train: data.load_snli_ve(p)
+            self.cfg, embedded.SNLI_VE_VERSION, embedded.make_embedded_snli_ve, lambda p, train: data.load_snli_ve(p)
         )
 
     def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:

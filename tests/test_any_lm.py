@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import generate_batched_and_alone, save_lm_family
 
-import data
+import embedded
 import models
 import tasks
 import train
@@ -34,12 +34,12 @@ COMMON += ["--data.num-workers", "0", "--warmup-steps", "0", "--lr", "3e-3", "--
 def roots(tmp_path_factory):
     """Tiny embedded datasets (no test split) and every family's checkpoint."""
     base = tmp_path_factory.mktemp("any_lm")
-    with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 4, "val": 3}, clear=True):
-        data.make_embedded_avsd(base / "avsd")
-    with mock.patch.dict(data.CAPTIONS_SPLITS, {"train": 8, "val": 2}, clear=True):
-        data.make_embedded_captions(base / "captions")
-    with mock.patch.dict(data.VQA_SPLITS, {"train": 4, "val": 2}, clear=True):
-        data.make_embedded_vqa(base / "vqa")
+    with mock.patch.dict(embedded.EMBEDDED_SPLITS, {"train": 4, "val": 3}, clear=True):
+        embedded.make_embedded_avsd(base / "avsd")
+    with mock.patch.dict(embedded.CAPTIONS_SPLITS, {"train": 8, "val": 2}, clear=True):
+        embedded.make_embedded_captions(base / "captions")
+    with mock.patch.dict(embedded.VQA_SPLITS, {"train": 4, "val": 2}, clear=True):
+        embedded.make_embedded_vqa(base / "vqa")
     return {"base": base, **{family: save_lm_family(family, base / family) for family in FAMILY_FLAGS}}
 
 

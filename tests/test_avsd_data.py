@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import embedded
 from data import InputError
 
 
@@ -174,18 +175,18 @@ def test_bad_data_names_the_file_or_video(tmp_path, breakage, message):
 
 
 def test_embedded_avsd_is_deterministic_real_format_and_cached(tmp_path):
-    data.make_embedded_avsd(tmp_path / "a")
-    data.make_embedded_avsd(tmp_path / "b")
+    embedded.make_embedded_avsd(tmp_path / "a")
+    embedded.make_embedded_avsd(tmp_path / "b")
     for rel in ["annotations/train.json", "features/vggish/val0003.npy", "features/i3d_rgb/train0007.npy"]:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     train = data.load_avsd(tmp_path / "a" / "annotations" / "train.json", train=True, max_turns=3)
-    assert len(train) == data.EMBEDDED_SPLITS["train"] * 10
+    assert len(train) == embedded.EMBEDDED_SPLITS["train"] * 10
     store = data.FeatureStore(tmp_path / "a" / "features", data.AVSD_STREAMS, max_len=200)
     assert store.load("train0000").shape[1] == 4224
 
     calls = []
-    root = data.embedded_root(tmp_path / "cache", "x", lambda p: calls.append(p) or (p / "f").write_text("1"))
-    again = data.embedded_root(tmp_path / "cache", "x", lambda p: calls.append(p))
+    root = embedded.embedded_root(tmp_path / "cache", "x", lambda p: calls.append(p) or (p / "f").write_text("1"))
+    again = embedded.embedded_root(tmp_path / "cache", "x", lambda p: calls.append(p))
     assert root == again and len(calls) == 1 and (root / "f").read_text() == "1"
 
 
@@ -206,7 +207,7 @@ def test_embedded_features_look_like_real_ones(tmp_path):
     """What the recipe is tested against (data.py): I3D streams are non-negative averages of post-ReLU activations
     with a large shared mean and a per-video offset, the attributes the questions ask about a small part of the
     variance; VGGish is quantised to 0..255 as released."""
-    data.make_embedded_avsd(tmp_path)
+    embedded.make_embedded_avsd(tmp_path)
     dialogs = json.loads((tmp_path / "annotations" / "train.json").read_text())["dialogs"]
     videos = [np.load(tmp_path / "features" / "i3d_rgb" / f"{d['image_id']}.npy") for d in dialogs]
     frames = np.concatenate(videos)
@@ -222,7 +223,8 @@ def test_embedded_features_look_like_real_ones(tmp_path):
 
     assert 0.6 < share(list(range(len(videos)))) < 0.9  # a per-video offset, shared by its frames
     colors = [
-        next(c for c in data._ATTRIBUTES["color"][1] for t in d["dialog"] if f"is {c}." in t["answer"]) for d in dialogs
+        next(c for c in embedded._ATTRIBUTES["color"][1] for t in d["dialog"] if f"is {c}." in t["answer"])
+        for d in dialogs
     ]
     assert 0.01 < share(colors) < 0.1  # what a question asks about: a small part of the variance
     vggish = np.concatenate([np.load(p) for p in (tmp_path / "features" / "vggish").glob("train*.npy")])

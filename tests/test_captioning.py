@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import save_lm_family, write_image_dataset
 
-import data
+import embedded
 import tasks
 import train
 from data import InputError
@@ -164,7 +164,7 @@ def test_embedded_image_features_look_like_clip_ones(tmp_path):
     """The embedded image features (captioning, VQA, retrieval, SNLI-VE) as a CLIP ViT-B's last layer gives them:
     anisotropic (a large shared mean, so two images point the same way), a few outlier dimensions far larger than
     the rest, and patch tokens that share the pooled token's content."""
-    data.make_embedded_captions(tmp_path)
+    embedded.make_embedded_captions(tmp_path)
     tokens = np.stack([np.load(p) for p in sorted((tmp_path / "features").glob("train*.npy"))])
     pooled = tokens[:, 0]
     unit = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
@@ -190,7 +190,7 @@ def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path, monkeypatch
     monkeypatch.setattr(shutil, "which", lambda name: None)
     torch.set_num_threads(1)
     root = tmp_path / "data"
-    data.make_embedded_captions(root, seed=1)
+    embedded.make_embedded_captions(root, seed=1)
     (root / "annotations" / "test.json").unlink()
     common = ["captioning", "--data.root", str(root), "--num-beams", "3", "--data.num-workers", "0"]
     train.main([*common, "--max-steps", "1", "--output-dir", str(tmp_path / "untrained")])

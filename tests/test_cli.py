@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 from conftest import ROOT
 
-import data
+import embedded
 import metrics
 import tasks
 import train
@@ -114,8 +114,8 @@ def test_bad_input_found_in_a_loader_worker_is_one_clear_line(tmp_path: Path):
 def test_stdout_holds_only_the_runs_lines_and_evaluation_has_a_bar(tmp_path, capfd):
     """pycocoevalcap's PTB tokenizer (a Java process) prints "PTBTokenizer tokenized N tokens at ..." on every
     evaluation; none of it may reach the console (capfd sees file descriptors, so a child process's output too)."""
-    with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 4, "val": 2, "test": 2}):
-        data.make_embedded_avsd(tmp_path / "avsd")
+    with mock.patch.dict(embedded.EMBEDDED_SPLITS, {"train": 4, "val": 2, "test": 2}):
+        embedded.make_embedded_avsd(tmp_path / "avsd")
     tiny = ["--model.n-layer", "1", "--model.n-embd", "32", "--model.n-head", "2", "--num-beams", "1", "--max-len", "4"]
     argv = ["dialogue", "--data.root", str(tmp_path / "avsd"), "--data.num-workers", "0", "--batch-size", "2", *tiny]
     train.main([*argv, "--max-steps", "1", "--output-dir", str(tmp_path / "run")])

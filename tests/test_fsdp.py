@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import comparable_weights, step_metrics
 
-import data
+import embedded
 import tasks
 import train
 from data import InputError
@@ -49,8 +49,8 @@ def build_with_frozen_parts(self, *args, shift: float = 0.0):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
-    with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 12, "val": 6, "test": 6}):
-        data.make_embedded_avsd(base / "avsd")
+    with mock.patch.dict(embedded.EMBEDDED_SPLITS, {"train": 12, "val": 6, "test": 6}):
+        embedded.make_embedded_avsd(base / "avsd")
     no_java = base / "bin"  # PATH without java: metrics skip METEOR (seconds per evaluation)
     no_java.mkdir()
     variables = {"PATH": f"{Path(sys.executable).parent}:{no_java}", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}

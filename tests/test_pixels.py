@@ -15,6 +15,7 @@ import torch
 from helpers import read_metrics, train_ok
 
 import data
+import embedded
 import models
 import tasks
 import train
@@ -63,14 +64,17 @@ def pixel_root(root: Path, make, splits: dict, sizes: dict) -> Path:
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory) -> Path:
     return pixel_root(
-        tmp_path_factory.mktemp("captions"), data.make_embedded_captions, data.CAPTIONS_SPLITS, {"train": 12, "val": 4}
+        tmp_path_factory.mktemp("captions"),
+        embedded.make_embedded_captions,
+        embedded.CAPTIONS_SPLITS,
+        {"train": 12, "val": 4},
     )
 
 
 @pytest.fixture(scope="module")
 def avsd(tmp_path_factory) -> Path:
     return pixel_root(
-        tmp_path_factory.mktemp("avsd"), data.make_embedded_avsd, data.EMBEDDED_SPLITS, {"train": 4, "val": 2}
+        tmp_path_factory.mktemp("avsd"), embedded.make_embedded_avsd, embedded.EMBEDDED_SPLITS, {"train": 4, "val": 2}
     )
 
 
@@ -372,7 +376,7 @@ def test_learns_from_pixels_and_swapping_images_hurts(tmp_path, monkeypatch):
     another (Java off: the Python tokenizer path; the test split left out)."""
     monkeypatch.setattr(shutil, "which", lambda name: None)
     root = tmp_path / "data"
-    data.make_embedded_captions(root, pixels=True)
+    embedded.make_embedded_captions(root, pixels=True)
     (root / "annotations" / "test.json").unlink()
     common = ["captioning", "--data.root", str(root), "--model.vision", "small", "--num-beams", "3"]
     common += ["--data.num-workers", "1"]
@@ -393,7 +397,7 @@ def test_learns_from_videos_and_swapping_them_hurts(tmp_path):
     After 300 steps the best checkpoint's val CIDEr is clearly above its own with every video swapped for another
     (measured 4.03 / 2.80, seeds 1 and 2: 3.89 / 2.51, 4.08 / 2.88): the colour answers come from the frames."""
     root = tmp_path / "data"
-    data.make_embedded_avsd(root, pixels=True)
+    embedded.make_embedded_avsd(root, pixels=True)
     (root / "annotations" / "test.json").unlink()
     common = ["dialogue", "--data.root", str(root), "--model.vision", "small", "--data.num-frames", "2"]
     common += ["--num-beams", "1", "--data.num-workers", "1"]

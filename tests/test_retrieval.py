@@ -178,7 +178,9 @@ def test_two_ranks_match_one_rank(tmp_path):
         for key in ("train/loss", "train/grad_norm", "val/r_mean", "test/r_mean", "val/txt_r1", "val/img_r1"):
             if key in a:
                 worst = max(worst, abs(a[key] - b[key]) / max(1.0, abs(a[key])))
-                assert b[key] == pytest.approx(a[key], abs=1e-5, rel=1e-5), (key, a, b)
+                # The gradient norm sums thousands of fp32 terms in another order on 2 ranks: 1e-4 relative.
+                rel = 1e-4 if key == "train/grad_norm" else 1e-5
+                assert b[key] == pytest.approx(a[key], abs=1e-5, rel=rel), (key, a, b)
     print(f"retrieval 1 vs 2 ranks through train.py: worst relative difference {worst:.1e}")
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import run_train
 from helpers import read_metrics, shuffled_val_metric, train_ok
 
-import data
+import embedded
 
 SMALL = [
     "--model.n-layer",
@@ -100,7 +100,7 @@ def test_default_recipe_reads_the_video_of_another_realistic_set(tmp_path):
     the embedded one. CIDEr (the mean of val and test, 80 dialogs) is far above the untrained model's (~0), and the
     same checkpoint scores far lower with the features shuffled across dialogs: the answers come from the video."""
     root = tmp_path / "avsd"
-    data.make_embedded_avsd(root, seed=1)
+    embedded.make_embedded_avsd(root, seed=1)
     args = ["--data.root", root, "--num-beams", "2", "--data.num-workers", "1", "--log-every", "50"]
 
     def cider(run_dir):

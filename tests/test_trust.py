@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import comparable_weights, step_metrics
 
-import data
+import embedded
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -36,8 +36,8 @@ DROPOUT = ["--model.dropout", "0.1"]  # (the default is 0) where restoring every
 def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("trust")
     root = base / "avsd"
-    with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 12, "val": 6, "test": 6}):
-        data.make_embedded_avsd(root)
+    with mock.patch.dict(embedded.EMBEDDED_SPLITS, {"train": 12, "val": 6, "test": 6}):
+        embedded.make_embedded_avsd(root)
     no_java = base / "bin"  # PATH: only the venv's scripts (python, torchrun)
     no_java.mkdir()
     return {

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import embedded
 import tasks
 import train
 from data import InputError
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs") / "avsd"
-    with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 4, "val": 2, "test": 2}):
-        data.make_embedded_avsd(root)
+    with mock.patch.dict(embedded.EMBEDDED_SPLITS, {"train": 4, "val": 2, "test": 2}):
+        embedded.make_embedded_avsd(root)
     return root
 
 

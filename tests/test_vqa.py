@@ -11,12 +11,12 @@ import pytest
 import torch
 from helpers import write_image_dataset
 
-import data
+import embedded
 import metrics
 import tasks
 import train
 from data import InputError
-from tasks import answer_accuracy, normalize_answer, vqa_accuracy
+from metrics import answer_accuracy, normalize_answer, vqa_accuracy
 
 
 @pytest.mark.parametrize(
@@ -228,7 +228,7 @@ def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path):
     drops it."""
     torch.set_num_threads(1)
     root = tmp_path / "data"
-    data.make_embedded_vqa(root, seed=1)
+    embedded.make_embedded_vqa(root, seed=1)
     common = ["vqa", "--data.root", str(root), "--data.num-workers", "0"]
     train.main([*common, "--max-steps", "1", "--output-dir", str(tmp_path / "untrained")])
     before = last_metrics(tmp_path / "untrained", "val/accuracy")
