@@ -20,8 +20,8 @@ from data import AVSD_STREAMS, IMAGE_FEATURE_DIM
 # Realistic features for the embedded datasets: a recipe tuned on fixed directions plus Gaussian noise fails on real
 # features, so the generators copy what those are made of: a large mean shared by every video or image, per-video
 # (per-image) content the questions never ask about, and the attributes they ask about as a small part of the
-# variance. The statistics are in the README ("Realistic embedded features"), checked by tests/test_avsd_data.py and
-# tests/test_captioning.py.
+# variance. The statistics are in docs/embedded_data.md ("Realistic embedded features"), checked by
+# tests/test_avsd_data.py and tests/test_captioning.py.
 
 
 def _low_rank(rng: np.random.Generator, k: int, width: int, variance: float) -> np.ndarray:
