@@ -127,10 +127,10 @@ class FeatureDataset(Dataset):
     everything grounded in the video breaks.
     """
 
-    def __init__(self, samples: list[dict], features: FeatureStore | None, shuffle_features: bool = False):
+    def __init__(self, samples: list[dict], features: FeatureStore | None, shuffle_features=False, root=None):
         if not samples:
             raise InputError("empty split: no samples")
-        self.samples, self.features = samples, features
+        self.samples, self.features, self.root = samples, features, root  # root: where the split was read from
         ids = sorted({s["image_id"] for s in samples})
         for feature_id in ids if features is not None else []:
             features.check(feature_id)
@@ -280,7 +280,7 @@ class MediaDataset(FeatureDataset):
 
     per_epoch = True  # ResumableSampler yields (epoch, index)
 
-    def __init__(self, samples, features, shuffle, media: dict, pixels: Pixels, skip_bad: bool, train: bool, seed):
+    def __init__(self, samples, features, shuffle, root, media: dict, pixels: Pixels, skip_bad: bool, train, seed):
         bad = {}
         for feature_id in sorted(media):
             try:
@@ -293,7 +293,7 @@ class MediaDataset(FeatureDataset):
             first = next(iter(bad.values()))
             message = f"warning: skipped {len(bad)} of {len(media)} files that cannot be read, first: {first}"
             print(message, file=sys.stderr)
-        super().__init__([s for s in samples if s["image_id"] not in bad], features, shuffle)
+        super().__init__([s for s in samples if s["image_id"] not in bad], features, shuffle, root)
         self.media, self.pixels, self.skip_bad, self.train, self.seed = media, pixels, skip_bad, train, seed
         self.frames = max(pixels.num_frames if path.suffix in VIDEO_EXTENSIONS else 1 for path in media.values())
 

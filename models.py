@@ -437,6 +437,11 @@ class VisualPrefixLM(nn.Module):
         # Only built when used, so DDP never sees a parameter without a gradient.
         self.video_head = nn.Linear(lm.config.hidden_size, vision.dim) if video_loss_weight > 0 else None
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The pretrained parts, each with a learning rate of its own (train.py: --model.lm-lr, --model.vision-lr);
+        the rest (projector, markers, heads) trains at --lr. Every model here declares them."""
+        return {"lm": self.lm, "vision": self.vision}
+
     def marker_embeds(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) token ids → (our embedding where the id is a marker, else 0; where it is one)."""
         hit = ids.unsqueeze(-1) == self.marker_ids
@@ -615,6 +620,10 @@ class DualEncoder(nn.Module):
         # One element, not a 0-dim tensor: FSDP2 (--fsdp) cannot shard a 0-dim parameter.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / temperature)]))
 
+    def parts(self) -> dict[str, nn.Module]:
+        """As VisualPrefixLM.parts: the text encoder is the language side."""
+        return {"lm": self.text_encoder, "vision": self.vision}
+
     def embed_images(self, batch: dict) -> torch.Tensor:
         tokens, mask = self.vision(batch)
         projected = self.projector(tokens)
@@ -651,6 +660,10 @@ class FusionClassifier(nn.Module):
         self.vision = vision
         self.projector = nn.Linear(vision.dim, width)
         self.head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, num_classes))
+
+    def parts(self) -> dict[str, nn.Module]:
+        """As VisualPrefixLM.parts: the encoder is the language side."""
+        return {"lm": self.encoder, "vision": self.vision}
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits (B, num_classes). `input_ids` start with [CLS]; `features` regions are padded (`feature_mask`)."""

@@ -200,6 +200,10 @@ TASKS: dict[str, tuple[type["BaseTask"], TaskConfig]] = {}
 class BaseTask:
     """The contract train.py relies on. Results are lists of dicts with a unique `id`."""
 
+    tokenizer = None
+    """The run's tokenizer once build_model made or loaded it (a transformers tokenizer); train.py saves it with the
+    run. None: the task has none."""
+
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
 
@@ -274,6 +278,10 @@ class BaseTask:
     def after_evaluation(self, results: list[dict], split: str) -> dict[str, float]:
         """Results → metrics (rank 0 only). Must include the config's `best_metric` when metrics are reported."""
         raise NotImplementedError
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """--export: `model` saved where plain transformers code loads it. Tasks whose model has no such form refuse."""
+        raise InputError(f"--export: {type(self).__name__}'s model has no export; the generative tasks' models do")
 
 
 def gather_results(results: list[dict]) -> list[dict]:
@@ -366,6 +374,11 @@ class LMTask(BaseTask):
         batch["ids"] = [s["id"] for s in samples]
         return batch
 
+    def export(self, model: nn.Module, directory: Path) -> None:
+        import models
+
+        models.save_visual_prefix(model, self.tokenizer, directory)
+
     def generate(self, model: nn.Module, batch: dict) -> list[str]:
         cfg = self.cfg
         eos, pad_id = self.token["<eos>"], self.token["<pad>"]
@@ -399,12 +412,11 @@ def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore | None, lo
             continue
         samples = load(path, train=split == "train")
         if cfg.model.vision is None:
-            datasets[split] = data.FeatureDataset(samples, store, shuffle)
+            datasets[split] = data.FeatureDataset(samples, store, shuffle, root)
         else:
             files, train = {s["image_id"]: media(s) for s in samples}, split == "train" and cfg.data.augment
             skip_bad = cfg.data.skip_bad_files
-            datasets[split] = data.MediaDataset(samples, store, shuffle, files, pixels, skip_bad, train, cfg.seed)
-        datasets[split].root = root
+            datasets[split] = data.MediaDataset(samples, store, shuffle, root, files, pixels, skip_bad, train, cfg.seed)
     return datasets
 
 

@@ -348,15 +348,11 @@ def init_wandb(cfg: TaskConfig, task: str, run_dir: Path, run_id: str | None):
         return wandb.init(mode="offline", settings=wandb.Settings(silent=True), **run)
 
 
-def export(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> None:
-    """--export DIR: the checkpoint's model as plain transformers code loads it (models.save_visual_prefix)."""
-    import models
-
-    if not isinstance(model, models.VisualPrefixLM):
-        raise InputError("--export: only the generative tasks' models (dialogue, captioning, vqa) are exported")
+def export(task, model: torch.nn.Module, cfg: TaskConfig) -> None:
+    """--export DIR: the checkpoint's model as plain transformers code loads it (the task's `export`)."""
     if cfg.export.exists() and any(cfg.export.iterdir()) and not cfg.overwrite:
         raise InputError(f"--export {cfg.export} is not empty: pass another directory or --overwrite")
-    models.save_visual_prefix(model, tokenizer, cfg.export)
+    task.export(model, cfg.export)
     print(f"exported {cfg.resume} to {cfg.export}: models.load_visual_prefix({str(cfg.export)!r})", flush=True)
 
 
@@ -364,16 +360,20 @@ def export(model: torch.nn.Module, tokenizer, cfg: TaskConfig) -> None:
 # Data loading, optimizer, schedule; model FLOPs utilisation (GPU)
 
 
+def part_of(model: torch.nn.Module) -> dict[int, str]:
+    """id(parameter) → the name of the pretrained part it belongs to (`model.parts()`: "lm", "vision")."""
+    return {id(p): name for name, module in model.parts().items() for p in module.parameters()}
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TaskConfig, fused: bool) -> torch.optim.AdamW:
     """AdamW over the parameters that train: a frozen one is not in it at all (weight decay would still move it).
-    Weight decay on matrices (linear/embedding weights) only, not on biases and norm scales. Each part has its
-    learning rate by parameter name (one line per part below); the rest (projector, new embeddings, heads): --lr."""
-    parts = [("lm.", cfg.model.lm_lr), ("text_encoder.", cfg.model.lm_lr), ("encoder.", cfg.model.lm_lr)]
-    parts.append(("vision.", cfg.model.vision_lr))  # a fine-tuned tower (--model.no-freeze-vision)
+    Weight decay on matrices (linear/embedding weights) only, not on biases and norm scales. The parts the model
+    declares (`parts()`) have their own learning rates; the rest (projector, new embeddings, heads): --lr."""
+    rates, parts = {"lm": cfg.model.lm_lr, "vision": cfg.model.vision_lr}, part_of(model)
     groups = {}
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            lr = next((lr for prefix, lr in parts if name.startswith(prefix) and lr is not None), cfg.lr)
+            lr = rates.get(parts.get(id(p))) or cfg.lr
             groups.setdefault((lr, cfg.weight_decay if p.dim() >= 2 else 0.0), []).append(p)
     groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
@@ -404,15 +404,16 @@ def peak_bf16_flops(device: torch.device) -> float | None:
 def train_flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
     """Training FLOPs per token (PaLM, appendix B), matmuls only: a weight costs 2 FLOPs forward, 2 for its input's
     gradient, 2 for its own: 6 per trainable weight, 4 per frozen one that gradients pass through (a frozen LM under a
-    trainable projector), 2 per frozen weight of the visual front end (`vision.*`: forward only). Embedding tables are
-    lookups (no FLOPs) unless tied to the output head (GPT-2's). Attention scores and values: 12 x layers x width x
-    sequence length, from the first config with num_hidden_layers and hidden_size (every family has or aliases them).
-    The feature projection is counted for every token (it runs on the video positions only)."""
+    trainable projector), 2 per frozen weight of the visual front end (the `vision` part: forward only). Embedding
+    tables are lookups (no FLOPs) unless tied to the output head (GPT-2's). Attention scores and values: 12 x layers x
+    width x sequence length, from the first config with num_hidden_layers and hidden_size (every family has or aliases
+    them). The feature projection is counted for every token (it runs on the video positions only)."""
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     matmuls = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding) for p in m.parameters(False)}
+    parts = part_of(model)
     weights = sum(
-        p.numel() * (6 if p.requires_grad else 2 if name.startswith("vision.") else 4)
-        for name, p in model.named_parameters()
+        p.numel() * (6 if p.requires_grad else 2 if parts.get(id(p)) == "vision" else 4)
+        for p in model.parameters()
         if id(p) not in lookups or id(p) in matmuls
     )
     configs = (getattr(m, "config", None) for m in model.modules())
@@ -829,9 +830,9 @@ def main(argv: list[str]) -> None:
     if cfg.export is not None:
         if ckpt:
             load_state(model, ckpt_path, frozen, ckpt)
-        return export(model, getattr(task, "tokenizer", None), cfg) if rank == 0 else None
+        return export(task, model, cfg) if rank == 0 else None
     agree(rank, partial(start_run, run_dir, name, cfg))
-    if rank == 0 and not (tokenizer_dir / "tokenizer.json").is_file() and hasattr(task, "tokenizer"):
+    if rank == 0 and not (tokenizer_dir / "tokenizer.json").is_file() and task.tokenizer is not None:
         task.tokenizer.save_pretrained(tokenizer_dir)
 
     raw_model, model = place_model(model, cfg, device, bf16, ckpt_path, ckpt, frozen)
