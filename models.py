@@ -6,6 +6,7 @@ tokenizer trained on the training text, so the default runs with no download; se
 """
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,17 +28,17 @@ class ModelConfig:
     encoder (BERT, RoBERTa, DistilBERT, MiniLM; CLIP's text tower for retrieval). Unset: a small model built from the
     fields below and a tokenizer trained on the training split, so nothing is downloaded."""
     n_layer: int = 2
-    """Layers of the small model (ignored with --model.name)."""
+    """Layers of the small model (not with --model.name)."""
     n_head: int = 4
-    """Attention heads of the small model (ignored with --model.name)."""
+    """Attention heads of the small model (not with --model.name)."""
     n_embd: int = 128
-    """Width of the small model (ignored with --model.name)."""
+    """Width of the small model (not with --model.name)."""
     n_positions: int = 512
-    """Longest sequence (video frames + text tokens) of the small model (ignored with --model.name)."""
+    """Longest sequence (video frames + text tokens) of the small model (not with --model.name)."""
     vocab_size: int = 1000
-    """BPE vocabulary trained for the small model (ignored with --model.name)."""
+    """BPE vocabulary trained for the small model (not with --model.name)."""
     dropout: float = 0.0
-    """Dropout of the small model (ignored with --model.name). 0 by default: with 0.1 the small model reads its
+    """Dropout of the small model (not with --model.name). 0 by default: with 0.1 the small model reads its
     visual input later and less (the embedded AVSD's main job: from epoch 4 instead of 3)."""
     video_loss_weight: float = 0.0
     """Weight of LAVIS's auxiliary loss that regresses the next video frame from the hidden states; 0 turns it off."""
@@ -67,8 +68,8 @@ class ModelConfig:
     vision: str | None = None
     """Read raw images/videos through this vision tower instead of pre-extracted features: a transformers vision model
     (CLIP, SigLIP/SigLIP2, ViT, DINOv2, ...; of a CLIP/SigLIP checkpoint its vision half) and its image processor, by
-    hub name or local directory; `small`: a random SigLIP-style tower (--model.vision-size, n-layer, n-head, n-embd),
-    no download. Images: ROOT/images/{entry's "image"}; videos: ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
+    hub name or local directory; `small`: a random SigLIP-style tower (--model.vision-size, -width, -layers), no
+    download. Images: ROOT/images/{entry's "image"}; videos: ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
     freeze_vision: bool = True
     """Frozen tower (as BLIP-2): eval mode, no gradients, bf16 on GPU, not in the optimizer; checkpoints hold its
     digest, not its weights (README: lean checkpoints). --model.no-freeze-vision fine-tunes it at --model.vision-lr."""
@@ -79,6 +80,10 @@ class ModelConfig:
     every patch token. The CLS (and register) tokens are not used."""
     vision_size: int = 32
     """Input size in pixels of --model.vision small (patches of a quarter of it)."""
+    vision_width: int = 128
+    """Width of --model.vision small (a head per 32)."""
+    vision_layers: int = 2
+    """Layers of --model.vision small."""
     feature_norm: bool = True
     """Standardise each feature dimension with the mean and standard deviation of the training split's features
     (computed when the model is built, from up to 256 videos or images; kept in checkpoints). Real features have a
@@ -94,8 +99,30 @@ class ModelConfig:
             raise ValueError("--model.freeze-lm and --model.lora-r exclude each other (LoRA freezes the rest itself)")
         if self.vision_tokens < 0 or math.isqrt(self.vision_tokens) ** 2 != self.vision_tokens:
             raise ValueError(f"--model.vision-tokens must be 0 or a square (1, 4, 9, ...), got {self.vision_tokens}")
-        if self.vision_size < 4 or self.vision_size % 4:
-            raise ValueError(f"--model.vision-size must be a multiple of 4, got {self.vision_size}")
+        if self.vision_size < 4 or self.vision_size % 4 or self.vision_width % 32:
+            raise ValueError("--model.vision-size must be a multiple of 4, --model.vision-width one of 32")
+        unused = {
+            "the pretrained model has its own (--model.name)": SMALL_MODEL if self.name else (),
+            "LoRA is off (--model.lora-r 0)": () if self.lora_r else ("lora_alpha", "lora_dropout", "lora_targets"),
+            "there is no vision tower (--model.vision)": VISION if self.vision is None else (),
+            "the tower is frozen (--model.freeze-vision)": ("vision_lr",) if self.freeze_vision else (),
+            "--model.vision is not small": VISION[-3:] if self.vision not in (None, "small") else (),
+        }
+        refuse_set(self, unused, "--model.")
+
+
+SMALL_MODEL = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "dropout")
+VISION = ("freeze_vision", "vision_lr", "vision_tokens", "vision_size", "vision_width", "vision_layers")
+
+
+def refuse_set(cfg, unused: dict[str, tuple[str, ...]], prefix: str) -> None:
+    """A field given a value (other than its default) where it does not apply is an error, never ignored: `unused`
+    maps why it does not apply to the fields."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for why, names in unused.items():
+        for name in names:
+            if getattr(cfg, name) != defaults[name]:
+                raise ValueError(f"{prefix}{name.replace('_', '-')} does not apply: {why}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,9 +359,10 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
         if cfg.vision == "small":
             processor = getattr(siglip, "SiglipImageProcessorPil", None) or siglip.SiglipImageProcessor
             processor, size = processor(size={"height": cfg.vision_size, "width": cfg.vision_size}), cfg.vision_size
+            width, shape = cfg.vision_width, dict(image_size=size, patch_size=size // 4, vision_use_head=False)
             config = SiglipVisionConfig(
-                hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
-                num_attention_heads=cfg.n_head, image_size=size, patch_size=size // 4, vision_use_head=False,
+                hidden_size=width, intermediate_size=4 * width, num_hidden_layers=cfg.vision_layers,
+                num_attention_heads=width // 32, **shape,
             )  # fmt: skip
             tower = None if processor_only else AutoModel.from_config(config)
         else:  # the PIL backend: the same whether torchvision is installed or not

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 import data
 import embedded
 import metrics
+import models
 from data import InputError
 from models import ModelConfig
 
@@ -224,8 +225,6 @@ class BaseTask:
         """The visual front end: the dataset's features (models.FeatureInput, standardised with the training split's
         statistics unless --model.no-feature-norm), or with --model.vision its images or videos through the tower
         (models.VisionTower: its tokens as they are, extra feature streams such as VGGish standardised)."""
-        import models
-
         if self.cfg.model.vision is None:
             stats = train_set.feature_stats() if self.cfg.model.feature_norm else None
             return models.FeatureInput(train_set.features.dim, stats)
@@ -318,8 +317,6 @@ class LMTask(BaseTask):
         raise NotImplementedError
 
     def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
-        import models
-
         cfg = self.cfg.model
         specials = {"eos_token": "<eos>", "pad_token": "<pad>", "additional_special_tokens": list(self.MARKERS)}
         texts = functools.partial(self.training_texts, train_set)
@@ -375,8 +372,6 @@ class LMTask(BaseTask):
         return batch
 
     def export(self, model: nn.Module, directory: Path) -> None:
-        import models
-
         models.save_visual_prefix(model, self.tokenizer, directory)
 
     def generate(self, model: nn.Module, batch: dict) -> list[str]:
@@ -403,8 +398,6 @@ def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore | None, lo
     --model.vision with their image or video (`media(sample)`: its file) and the extra streams of `store`."""
     datasets, shuffle = {}, cfg.data.shuffle_features
     if cfg.model.vision is not None:
-        import models
-
         pixels = data.Pixels(models.load_vision(cfg.model, processor_only=True)[1], cfg.data.num_frames)
     for split in ["train", "val", "test"]:
         path = root / "annotations" / f"{split}.json"
@@ -706,6 +699,8 @@ class EncoderConfig(TaskConfig):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, feature_dim=1, max_text_len=3)
+        why = "retrieval and classification have no LM to feed (it is for dialogue, captioning, vqa)"
+        models.refuse_set(self.model, {why: ("projector", "video_loss_weight", "chat_template")}, "--model.")
 
 
 class EncoderTask(BaseTask):
@@ -717,8 +712,6 @@ class EncoderTask(BaseTask):
 
     def text_encoder(self, texts, tokenizer_dir: Path) -> nn.Module:
         """The tokenizer (trained on `texts()` unless pretrained or saved) and the text encoder."""
-        import models
-
         cfg = self.cfg.model
         self.tokenizer = models.build_tokenizer(cfg, tokenizer_dir, self.SPECIAL, texts, "[CLS] $A [SEP]")
         return models.build_text_encoder(cfg, self.tokenizer)
@@ -770,8 +763,6 @@ class RetrievalTask(EncoderTask):
         return samples
 
     def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
-        import models
-
         encoder = self.text_encoder(lambda: (s["caption"] for s in train_set.samples), tokenizer_dir)
         return models.DualEncoder(encoder, self.build_vision(train_set), self.cfg.embed_dim, self.cfg.temperature)
 
@@ -871,8 +862,6 @@ class ClassificationTask(EncoderTask):
         )
 
     def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
-        import models
-
         encoder = self.text_encoder(lambda: (s["sentence"] for s in train_set.samples), tokenizer_dir)
         return models.FusionClassifier(encoder, self.build_vision(train_set), len(self.LABELS))
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+import models
 from data import InputError, ResumableSampler, collate_in_worker
 from models import LoadError
 from tasks import TASKS, TaskConfig, config_to_dict, load_preset, unknown_task_message
@@ -524,8 +525,6 @@ def cache_features(name: str, cfg: TaskConfig, rank: int, world: int, device: to
     from torch.utils.data import ConcatDataset, Subset
     from tqdm import tqdm
 
-    import models
-
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment=False, shuffle_features=False))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, freeze_vision=True))
     datasets = TASKS[name][0](cfg).build_datasets()
@@ -535,7 +534,7 @@ def cache_features(name: str, cfg: TaskConfig, rank: int, world: int, device: to
             first.setdefault(sample["image_id"], (split, index))
     train_set, out = datasets["train"], datasets["train"].root / "features" / cfg.cache_features
     settings = {"vision": cfg.model.vision, "tokens": cfg.model.vision_tokens, "frames": train_set.frames}
-    small = [cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.seed]  # what `small` is built from
+    small = [cfg.model.vision_width, cfg.model.vision_layers, cfg.seed]  # what `small` is built from
     settings |= {"size": list(train_set.pixels.size), "small": small if cfg.model.vision == "small" else None}
 
     def claim() -> None:

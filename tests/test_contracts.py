@@ -96,3 +96,36 @@ def test_export_is_the_tasks_own_and_refused_where_a_task_has_none(tmp_path):
     with pytest.raises(tasks.InputError, match="--export: ClassificationTask's model has no export"):
         task.export(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["retrieval", "--model.projector", "mlp"], "--model.projector does not apply: retrieval and classification"),
+        (["classification", "--model.chat-template"], "--model.chat-template does not apply: retrieval and"),
+        (
+            ["dialogue", "--model.name", "gpt2", "--model.n-layer", "6"],
+            "--model.n-layer does not apply: the pretrained",
+        ),
+        (["dialogue", "--model.lora-alpha", "8"], "--model.lora-alpha does not apply: LoRA is off"),
+        (
+            ["captioning", "--model.vision-tokens", "4"],
+            "--model.vision-tokens does not apply: there is no vision tower",
+        ),
+        (["captioning", "--model.vision", "small", "--model.vision-lr", "1e-5"], "does not apply: the tower is frozen"),
+        (["captioning", "--model.vision", "DIR", "--model.vision-width", "64"], "--model.vision is not small"),
+    ],
+)
+def test_a_flag_that_does_not_apply_is_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_config(argv)
+    assert exit_.value.code == 2
+    assert message in " ".join(capsys.readouterr().err.replace("│", " ").split())  # tyro's box around it
+
+
+def test_the_small_tower_is_sized_by_its_own_flags():
+    import models
+
+    cfg = models.ModelConfig(vision="small", vision_width=64, vision_layers=1, n_embd=32)
+    tower, _ = models.load_vision(cfg)
+    assert (tower.config.hidden_size, tower.config.num_hidden_layers, tower.config.num_attention_heads) == (64, 1, 2)
