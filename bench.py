@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -141,18 +142,11 @@ class BareLoop:
 
 
 def build_side(argv: list[str], workdir: Path):
-    """The task, datasets and an initial model exactly as train.main builds them for `argv` (same seed)."""
-    import torch
-
+    """The task, datasets and an initial model exactly as train.main builds them for `argv` (train.build)."""
     import train
-    from tasks import TASKS
 
     name, cfg = train.parse_config(argv)
-    task = TASKS[name][0](cfg)
-    datasets = task.build_datasets()
-    torch.manual_seed(cfg.seed)
-    model = task.build_model(datasets["train"], workdir / "tokenizer")
-    return task, datasets, model, cfg
+    return (*train.build(name, cfg, workdir / "tokenizer"), cfg)
 
 
 def training_batches(task, dataset, cfg) -> Iterator[dict]:
@@ -205,11 +199,8 @@ def interleaved_train_main(argv: list[str], work: Path, steps: int):
             if "train/loss" in metrics:
                 ours.turn(step)
 
-    real_logger, train.Logger = train.Logger, InterleavingLogger
-    try:
+    with mock.patch.object(train, "Logger", InterleavingLogger):
         train_main(argv)
-    finally:
-        train.Logger = real_logger
     return ours, bare, side
 
 

@@ -116,7 +116,8 @@ class FeatureStore:
     def load(self, feature_id: str) -> np.ndarray:
         arrays = [self.open(stream, feature_id) for stream in self.streams]
         length = min(min(a.shape[0] for a in arrays), self.max_len)
-        return np.concatenate([np.asarray(a[:length], dtype=np.float32) for a in arrays], axis=1)
+        dtype = np.float16 if all(a.dtype == np.float16 for a in arrays) else np.float32  # float16 files stay so
+        return np.concatenate([np.asarray(a[:length], dtype=dtype) for a in arrays], axis=1)
 
 
 class FeatureDataset(Dataset):
@@ -473,54 +474,31 @@ def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
     return torch.from_numpy(out)
 
 
-def share_tensors(batch: dict) -> dict:
-    """In a DataLoader worker: the batch's tensors that are not yet in shared memory, copied into ONE shared storage
-    and replaced by views of it. Each shared storage crosses to the training process through its own file descriptor
-    and mapping, ~0.4 ms of the training process's CPU apiece on a 2-core CPU: a dialogue batch (features plus six
-    small tensors) costs it about 2 ms less per step this way. Outside a worker the batch is returned as it is."""
-    keys = [k for k, v in batch.items() if torch.is_tensor(v) and not v.is_shared()]
-    if torch.utils.data.get_worker_info() is None or len(keys) < 2:
-        return batch
-    offsets, size = [], 0
-    for k in keys:
-        size = -(-size // 64) * 64  # every view starts on a cache line (so also aligned for its dtype)
-        offsets.append(size)
-        size += batch[k].numel() * batch[k].element_size()
-    storage = torch.UntypedStorage._new_shared(size)
-    shared = dict(batch)
-    for k, offset in zip(keys, offsets, strict=True):
-        tensor = batch[k]
-        view = tensor.new_empty(0).set_(storage, offset // tensor.element_size(), tensor.shape)
-        shared[k] = view.copy_(tensor)
-    return shared
-
-
 def collate_in_worker(collate, samples: list, train: bool) -> dict:
-    """The loaders' collate_fn: the task's collate, its result made cheap to send (see share_tensors). Samples whose
-    file could not be read (None, with --data.skip-bad-files) are left out."""
+    """The loaders' collate_fn: the task's collate of the samples whose file could be read (None: could not, with
+    --data.skip-bad-files)."""
     kept = [s for s in samples if s is not None]
     if not kept:
         raise InputError("no sample of a batch could be read (--data.skip-bad-files): see the warnings above")
-    return share_tensors(collate(kept, train=train))
+    return collate(kept, train=train)
 
 
 def stack_features(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad variable-length (T, D) features into (B, T_max, D) plus a (B, T_max) bool mask of real frames."""
+    """Right-pad variable-length (T, D) features into (B, T_max, D), in their files' dtype (float16 files cross to
+    the training process, and to the GPU, at half the bytes), plus a (B, T_max) bool mask of real frames."""
     width = max(a.shape[0] for a in arrays)
-    out = batch_tensor((len(arrays), width, arrays[0].shape[1]))
+    out = batch_tensor((len(arrays), width, arrays[0].shape[1]), torch.from_numpy(arrays[0][:0]).dtype)
     for i, a in enumerate(arrays):
         out[i, : a.shape[0]] = torch.from_numpy(a)
         out[i, a.shape[0] :] = 0
     return out, torch.arange(width) < torch.tensor([a.shape[0] for a in arrays])[:, None]
 
 
-def batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty float tensor; in a DataLoader worker, in shared memory (as torch's default_collate builds a batch):
-    sending the largest tensor of a batch to the training process then costs nothing instead of one more copy."""
-    out = torch.empty(0)
-    if torch.utils.data.get_worker_info() is not None:
-        out = out.new(out.untyped_storage()._new_shared(math.prod(shape) * out.element_size()))
-    return out.resize_(shape)
+def batch_tensor(shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker, in shared memory (as torch's default_collate builds a batch): sending
+    the largest tensor of a batch to the training process then costs no copy into shared memory on the way."""
+    out = torch.empty(shape, dtype=dtype)
+    return out.share_memory_() if torch.utils.data.get_worker_info() is not None else out
 
 
 def stack_pixels(pixels: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -332,7 +332,7 @@ class FeatureInput(nn.Module):
         self.register_buffer("std", std)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        features = batch["features"]
+        features = batch["features"].float()  # the files' dtype up to here (float16 crosses at half the bytes)
         if self.mean is not None:
             features = (features - self.mean) / self.std
         return features, batch["feature_mask"]
@@ -423,7 +423,7 @@ class VisionTower(nn.Module):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "pixels" not in batch:
-            return batch["features"], batch["feature_mask"]
+            return batch["features"].float(), batch["feature_mask"]
         pixels = batch["pixels"]
         tokens = self.encode(pixels.flatten(0, 1)).reshape(len(pixels), -1, self.tower.config.hidden_size)
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)

@@ -572,7 +572,7 @@ def pixels_batch(samples: list[dict | None]) -> tuple[list[str], torch.Tensor | 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Faults: stop signals, flags every rank acts on together, the test hook
+# Faults: stop signals, flags every rank acts on together
 
 
 class StepFlags:
@@ -612,19 +612,6 @@ class StepFlags:
                 sys.exit(1)
             stop |= stop_flag > 0
         return stop
-
-
-def inject_fault(step: int, rank: int) -> None:
-    """Test hook: VLTASKS_INJECT_FAULT=kill|raise:STEP:RANK makes that rank SIGKILL itself or raise after STEP, in the
-    first attempt only (torchrun --max-restarts restarts must then run through). Unset, it does nothing."""
-    spec = os.environ.get("VLTASKS_INJECT_FAULT")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    how, at_step, at_rank = spec.split(":")
-    if step == int(at_step) and rank == int(at_rank):
-        if how == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"VLTASKS_INJECT_FAULT: rank {rank} fails after step {step}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,7 +719,8 @@ class TrainState:
                     norm = norm.full_tensor()
                 self.grad_norm = norm * scale
                 scale = scale * (cfg.max_grad_norm / (self.grad_norm + 1e-6)).clamp(max=1)
-            torch._foreach_mul_(grads, scale)
+            for grad in grads:  # the scale stays on the device: no host sync
+                grad.mul_(scale)
             self.optimizer.step()
             self.window += stats[:4]
         self.scheduler.step()
@@ -792,6 +780,14 @@ class TrainState:
             load_state(self.model, path, self.frozen)
 
 
+def build(name: str, cfg: TaskConfig, tokenizer_dir: Path):
+    """(task, its datasets, its initial model) as every run builds them: the same weights on every rank."""
+    task = TASKS[name][0](cfg)
+    datasets = task.build_datasets()
+    torch.manual_seed(cfg.seed)
+    return task, datasets, task.build_model(datasets["train"], tokenizer_dir)
+
+
 def main(argv: list[str]) -> None:
     name, cfg = parse_config(argv)
     rank, world, device = setup_distributed(cfg)
@@ -811,12 +807,9 @@ def main(argv: list[str]) -> None:
     ckpt = load_checkpoint(ckpt_path, name, needs) if ckpt_path else None
     if cfg.evaluate and ckpt is None:
         raise InputError(f"--evaluate: no checkpoint to evaluate in {run_dir}")
-    task = TASKS[name][0](cfg)
     tokenizer_dir = (ckpt_path.parent if ckpt_path else run_dir) / "tokenizer"
     try:
-        datasets = task.build_datasets()
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = task.build_model(datasets["train"], tokenizer_dir)
+        task, datasets, model = build(name, cfg, tokenizer_dir)
     except LoadError as e:
         if cfg.config is None or _flag_value(argv, f"--model.{e.field}"):
             raise
@@ -901,7 +894,6 @@ def main(argv: list[str]) -> None:
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             elif save_now or stopping:
                 state.save(step, {})
-            inject_fault(step, rank)
             if step == total_steps or stopping:
                 break
     progress.close()
@@ -916,9 +908,10 @@ def main(argv: list[str]) -> None:
     logger.close()
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> None:
+    """main(argv) as a command: bad input is one `error:` line and exit 2; the process group is torn down."""
     try:
-        main(sys.argv[1:])
+        main(argv)
     except InputError as e:
         # Raised in a DataLoader worker, the message carries the worker's traceback; its last line is ours.
         print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.InputError: ')}", file=sys.stderr)
@@ -929,3 +922,7 @@ if __name__ == "__main__":
             # instead, it aborts the process ("terminate called without an active exception").
             gc.collect()
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

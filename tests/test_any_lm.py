@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from unittest import mock
 
+import faulty
 import pytest
 import torch
 from helpers import generate_batched_and_alone, save_lm_family
@@ -95,10 +96,9 @@ def test_trains_evaluates_with_beams_and_resumes_exactly(roots, dialogue_runs, f
     assert (run / "tokenizer" / "tokenizer.json").is_file()
 
     resumed = tmp_path / "resumed"
-    monkeypatch.setenv("VLTASKS_INJECT_FAULT", "raise:2:0")
-    with pytest.raises(RuntimeError, match="fails after step 2"):
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="fails after step 2"):
+        patch.setattr(train, "forward_backward", faulty.fail_after("raise", 2))
         train.main(argv(roots, "dialogue", family, resumed, "--max-steps", "4", "--save-every", "2"))
-    monkeypatch.delenv("VLTASKS_INJECT_FAULT")
     train.main(argv(roots, "dialogue", family, resumed, "--max-steps", "4", "--save-every", "2", "--resume", "auto"))
     a, b = ckpt(run)["model"], ckpt(resumed)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

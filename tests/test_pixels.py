@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from unittest import mock
 
+import faulty
 import numpy as np
 import pytest
 import torch
@@ -314,10 +315,9 @@ def test_resume_is_exact_with_augmentation(captions, towers, tmp_path, monkeypat
     argv += ["--data.num-workers", "2", "--max-steps", "8", "--save-every", "3"]
     argv += ["--model.no-freeze-vision", "--model.vision-lr", "1e-2"] if tuned else []
     train.main([*argv, "--output-dir", str(tmp_path / "whole")])
-    monkeypatch.setenv("VLTASKS_INJECT_FAULT", "raise:3:0")
-    with pytest.raises(RuntimeError, match="VLTASKS_INJECT_FAULT"):
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="injected fault"):
+        patch.setattr(train, "forward_backward", faulty.fail_after("raise", 3))
         train.main([*argv, "--output-dir", str(tmp_path / "resumed")])
-    monkeypatch.delenv("VLTASKS_INJECT_FAULT")
     train.main([*argv, "--output-dir", str(tmp_path / "resumed"), "--resume", "auto"])
     assert losses(tmp_path / "whole") == losses(tmp_path / "resumed") and len(losses(tmp_path / "whole")) == 8
     whole, resumed = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("whole", "resumed"))

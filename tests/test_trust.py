@@ -54,17 +54,19 @@ def env(tmp_path_factory):
     }
 
 
-def train_cmd(env, out: Path, *args, procs: int = 0, restarts: int = 0, launcher_args=()) -> list[str]:
-    launcher = [sys.executable, "train.py"]
+def train_cmd(env, out: Path, *args, procs: int = 0, restarts: int = 0, launcher_args=(), fault=()) -> list[str]:
+    """train.py, or with `fault` (how, step, rank) tests/faulty.py failing that way (see there)."""
+    script = ["tests/faulty.py", *map(str, fault)] if fault else ["train.py"]
+    launcher = [sys.executable, *script]
     if procs:
         launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={procs}"]
-        launcher += [f"--max-restarts={restarts}", *launcher_args, "train.py"]
+        launcher += [f"--max-restarts={restarts}", *launcher_args, *script]
     return [*launcher, "dialogue", *TINY, "--data.root", str(env["root"]), "--output-dir", str(out), *args]
 
 
-def run(env, out: Path, *args, procs: int = 0, restarts: int = 0, extra_env=None, check=True, timeout=120):
+def run(env, out: Path, *args, procs=0, restarts=0, extra_env=None, check=True, timeout=120, fault=()):
     proc = subprocess.run(
-        train_cmd(env, out, *args, procs=procs, restarts=restarts),
+        train_cmd(env, out, *args, procs=procs, restarts=restarts, fault=fault),
         cwd=ROOT,
         env={**env["env"], **(extra_env or {})},
         capture_output=True,
@@ -149,7 +151,7 @@ def test_sigkill_then_resume_auto_is_exact_and_continues_the_wandb_run(env, refe
     secret = "fake-wandb-key-0123456789abcdef0123456789abcdef"
     wandb_env = {"WANDB_MODE": "offline", "WANDB_API_KEY": secret, "HF_TOKEN": "hf_fake_secret_token_4567"}
     args = ["--batch-size", "8", "--max-steps", "20", "--save-every", "5", *WORKERS, *DROPOUT]
-    killed = run(env, out, *args, extra_env={**wandb_env, "VLTASKS_INJECT_FAULT": "kill:12:0"}, check=False)
+    killed = run(env, out, *args, extra_env=wandb_env, check=False, fault=("kill", 12, 0))
     assert killed.returncode == -signal.SIGKILL
     assert max(losses(out)) == 12 and os.readlink(out / "ckpt_last.pt") == "ckpt_step00000010.pt"
     resumed = run(env, out, *args, "--resume", "auto", extra_env=wandb_env)
@@ -173,9 +175,9 @@ def test_torchrun_max_restarts_resumes_after_a_rank_raises(env, reference):
         "--batch-size", "4", *EXACT, "--save-every", "2", "--resume", "auto",
         procs=2,
         restarts=1,
-        extra_env={"VLTASKS_INJECT_FAULT": "raise:3:1"},
+        fault=("raise", 3, 1),
     )  # fmt: skip
-    assert "VLTASKS_INJECT_FAULT: rank 1 fails after step 3" in proc.stdout + proc.stderr
+    assert "injected fault: rank 1 fails after step 3" in proc.stdout + proc.stderr
     assert "resumed at step 2" in proc.stdout
     assert metrics(out) == metrics(reference("ddp"))
 
