@@ -238,7 +238,7 @@ def adapt(model, cfg: ModelConfig, tokenizer):
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if cfg.grad_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        checkpoint_activations(model)
     if cfg.freeze_lm:
         model.requires_grad_(False)
     if cfg.lora_r:
@@ -251,6 +251,25 @@ def adapt(model, cfg: ModelConfig, tokenizer):
         except ValueError as e:  # target modules not found
             raise InputError(f"--model.lora-targets {' '.join(cfg.lora_targets)}: {e}") from None
     return model
+
+
+# What this file relies on that transformers has renamed within the supported range: one named function each.
+
+
+def checkpoint_activations(model) -> None:
+    """Recompute the model's activations in the backward pass (non-reentrant): activation_checkpointing_enable from
+    transformers 5.2x, gradient_checkpointing_enable before."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def siglip_pil_processor(size: int):
+    """SigLIP's image processor at `size` on PIL (the same numbers whether torchvision is installed or not):
+    SiglipImageProcessorPil where transformers has it, SiglipImageProcessor (PIL only) before."""
+    from transformers.models import siglip
+
+    processor = getattr(siglip, "SiglipImageProcessorPil", None) or siglip.SiglipImageProcessor
+    return processor(size={"height": size, "width": size})
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str], template: str | None = None):
@@ -343,9 +362,7 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
     model initialises as it would without it; `small` from `seed`). Loud: a directory that is not a vision model,
     or lacks weights the patch tokens depend on, is one LoadError line. Weights they do not depend on (CLIP's
     post_layernorm, pooling heads) are frozen: a fine-tuned tower leaves DDP no gradless weights."""
-    import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, SiglipVisionConfig
-    from transformers.models import siglip
 
     from data import Pixels
 
@@ -357,8 +374,7 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.vision == "small":
-            processor = getattr(siglip, "SiglipImageProcessorPil", None) or siglip.SiglipImageProcessor
-            processor, size = processor(size={"height": cfg.vision_size, "width": cfg.vision_size}), cfg.vision_size
+            processor, size = siglip_pil_processor(cfg.vision_size), cfg.vision_size
             width, shape = cfg.vision_width, dict(image_size=size, patch_size=size // 4, vision_use_head=False)
             config = SiglipVisionConfig(
                 hidden_size=width, intermediate_size=4 * width, num_hidden_layers=cfg.vision_layers,
@@ -366,8 +382,7 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
             )  # fmt: skip
             tower = None if processor_only else AutoModel.from_config(config)
         else:  # the PIL backend: the same whether torchvision is installed or not
-            pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
-            load = partial(AutoImageProcessor.from_pretrained, **pil)
+            load = partial(AutoImageProcessor.from_pretrained, backend="pil")
             processor = pretrained(load, cfg.vision, "image processor", "vision")
             config = pretrained(AutoConfig.from_pretrained, cfg.vision, "model config", "vision")
             config = getattr(config, "vision_config", None) or config  # a CLIP/SigLIP model: its vision half

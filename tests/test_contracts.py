@@ -129,3 +129,18 @@ def test_the_small_tower_is_sized_by_its_own_flags():
     cfg = models.ModelConfig(vision="small", vision_width=64, vision_layers=1, n_embd=32)
     tower, _ = models.load_vision(cfg)
     assert (tower.config.hidden_size, tower.config.num_hidden_layers, tower.config.num_attention_heads) == (64, 1, 2)
+
+
+def test_the_transformers_seams_work_on_the_installed_version():
+    """What models.py relies on that transformers renamed within the supported range, behind one function each."""
+    from PIL import Image
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import models
+
+    lm = GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=20))
+    models.checkpoint_activations(lm)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())  # the flag each block reads
+    processor = models.siglip_pil_processor(16)
+    pixels = processor(images=[Image.new("RGB", (40, 30))], return_tensors="pt")
+    assert pixels["pixel_values"].shape == (1, 3, 16, 16)
