@@ -109,7 +109,7 @@ def start_run(run_dir: Path, task: str, cfg: TaskConfig) -> None:
     if not cfg.evaluate:
         saved = {"task": task, **config_to_dict(cfg)}
         saved.update(output_dir=str(run_dir), resume=None, config=None, overwrite=False)
-        write_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(saved, sort_keys=False)))
+        write_atomically(run_dir / "config.yaml", lambda f: f.write(yaml.safe_dump(saved, sort_keys=False).encode()))
 
 
 def find_checkpoint(cfg: TaskConfig, run_dir: Path) -> Path | None:
@@ -156,11 +156,13 @@ def load_checkpoint(path: Path, task: str, needs: tuple[str, ...] = RESUME_KEYS)
 
 
 def write_atomically(path: Path, write) -> None:
-    """`write(tmp)` then rename over `path`: a crash (even SIGKILL or power loss) leaves the old file or the new one,
-    never a half-written one under the real name."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
+    """`write(f)` to a binary file beside `path`, then renamed over it: a crash (even SIGKILL or power loss) leaves
+    the old file or the new one, never a half-written one under the real name. Every file the runs write whole
+    (configs, checkpoints, cached features) is written this way."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
@@ -190,13 +192,13 @@ def save_checkpoint(state: dict, run_dir: Path, is_best: bool, keep_last: int, s
     path = run_dir / f"ckpt_step{state['step']:08d}{suffix}"
     if sharded:
         tmp = path.with_name(path.name + ".tmp")
-        write_atomically(tmp / "state.pt", lambda t: torch.save(state, t))
+        write_atomically(tmp / "state.pt", lambda f: torch.save(state, f))
         fsync_dir(tmp)
         if path.exists():  # steps run again from an older checkpoint of this run
             shutil.rmtree(path)
         os.replace(tmp, path)
     else:
-        write_atomically(path, lambda tmp: torch.save(state, tmp))
+        write_atomically(path, lambda f: torch.save(state, f))
     fsync_dir(run_dir)  # the rename itself must be on disk before a pointer names the checkpoint
     point(run_dir / f"ckpt_last{suffix}", path.name)
     best = run_dir / f"ckpt_best{suffix}"
@@ -293,7 +295,7 @@ class Logger:
             # metrics.jsonl reads as if the run had never been interrupted.
             lines = path.read_text().splitlines(True)
             kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= resumed_step]
-            write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
+            write_atomically(path, lambda f: f.write("".join(kept).encode()))
         self.file = open(path, "a") if self.enabled else None  # noqa: SIM115
         self.wandb = init_wandb(cfg, task, run_dir, wandb_id) if self.enabled else None
 
@@ -554,10 +556,7 @@ def cache_features(name: str, cfg: TaskConfig, rank: int, world: int, device: to
     for ids, pixels in tqdm(batches, total=len(loader), disable=rank != 0, desc=f"rank 0: {len(mine)} files"):
         tokens = vision({"pixels": pixels.to(device, non_blocking=True)})[0].cpu().numpy() if ids else []
         for feature_id, array in zip(ids, tokens, strict=True):
-            tmp = out / f".{feature_id}.npy.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, out / f"{feature_id}.npy")
+            write_atomically(out / f"{feature_id}.npy", partial(np.save, arr=array))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
