@@ -245,8 +245,8 @@ def test_a_kill_mid_save_leaves_the_last_sharded_checkpoint_readable_and_retenti
 
     save(1, best=True)
 
-    def killed_mid_write(obj, path):
-        Path(path).write_bytes(b"half a state")
+    def killed_mid_write(obj, file):
+        file.write(b"half a state")
         raise KeyboardInterrupt
 
     with mock.patch.object(torch, "save", killed_mid_write), pytest.raises(KeyboardInterrupt):

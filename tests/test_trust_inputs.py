@@ -220,8 +220,8 @@ def state(step: int) -> dict:
 def test_a_crash_mid_save_leaves_the_last_checkpoint_readable_and_retention_keeps_last_n_plus_best(tmp_path):
     train.save_checkpoint(state(1), tmp_path, is_best=True, keep_last=2)
 
-    def killed_mid_write(obj, path):
-        Path(path).write_bytes(b"half a checkpoint")
+    def killed_mid_write(obj, file):
+        file.write(b"half a checkpoint")
         raise KeyboardInterrupt  # the process dies here
 
     with mock.patch.object(torch, "save", killed_mid_write), pytest.raises(KeyboardInterrupt):
