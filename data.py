@@ -297,7 +297,7 @@ def packets_from(container, stream, t: float):
     A demuxer may seek by decoding time (MP4 does): when it lands on a keyframe shown after `t`, this steps back."""
     import av
 
-    target = int(t / stream.time_base)
+    target = max(int(t / stream.time_base), stream.start_time or 0)  # AVI refuses a seek before its start
     container.seek(target, stream=stream, backward=True)
     while True:
         packets = container.demux(stream)
