@@ -1173,6 +1173,7 @@ def train_and_bare(args, argv: list[str], device, rounds: int, profile: tuple[Pa
     if rounds or profile:
         (task, datasets, _), (model, trained) = seen["build"], seen["placed"]
         cfg = train.parse_config(argv)[1]
+        free_memory(device)  # train.py's optimizer states, before the bare loop's own
         batches = device_batches(task, datasets["train"], cfg, device)
         bare = BareLoop(model, cfg, 1000, device, trained)
         figures |= bare_speed(bare, batches, rounds)
