@@ -482,13 +482,16 @@ class VisualPrefixLM(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
 
     def hidden_states(self, batch: dict, padding_mask: bool = True) -> torch.Tensor:
-        """(B, L, H): the LM's last hidden states, its output head not applied. Without `padding_mask` the LM is
-        given none, which is exact for a right-padded batch only (causal attention keeps every real position from
-        the padding after it) and lets transformers skip its mask, with its check that waits for the device."""
-        mask, embeds = batch["attention_mask"], self.embed(batch)
+        """(B, L, H): the LM's last hidden states, its output head not applied. Without `padding_mask` the LM gets
+        neither the mask nor position ids, which is exact for a right-padded batch only (causal attention keeps
+        every real position from the padding after it, and the LM numbers positions from 0 itself): transformers
+        then reads no mask values (two waits for the device) and attends with SDPA's causal kernels; it still reads
+        the position ids it makes, for packed sequences, once a step unless compiled."""
+        embeds, lm = self.embed(batch), lm_backbone(self.lm)
+        if not padding_mask:
+            return lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        mask = batch["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        lm = lm_backbone(self.lm)
-        mask = mask if padding_mask else None
         return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
     def token_losses(

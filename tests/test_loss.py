@@ -1,10 +1,14 @@
-"""The loss on the labelled positions only, the padded vocabulary and --compile (issue 15): the loss and its gradients
-equal the full-logits formula for every family of test_any_lm.py, the output head never sees more than a chunk of
-rows, the padded vocabulary rows are never generated or ranked (an export too, through plain transformers) and stay
-zero through training and an exact resume, and a compiled model stops compiling after its first batches."""
+"""The loss on the labelled positions only, the padded vocabulary, host syncs and --compile (issue 15): the loss and
+its gradients equal the full-logits formula for every family of test_any_lm.py, the output head never sees more than a
+chunk of rows, the padded vocabulary rows are never generated or ranked (an export leaves them out) and stay zero
+through training and an exact resume, a training step reads nothing back from the device, and a compiled model stops
+compiling after its first batches."""
 
 import copy
+import traceback
+from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -12,6 +16,7 @@ import torch
 from helpers import read_metrics, save_lm_family
 from test_any_lm import FAMILY_FLAGS
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import models
@@ -284,9 +289,9 @@ def test_padded_rows_stay_zero_through_training_and_an_exact_resume(tmp_path, mo
 
 
 def test_compile_stops_compiling_after_warm_up(tmp_path, monkeypatch):
-    """train.py --compile over batches whose sequence, feature and label lengths vary: the compilations it logs stop
-    growing after the first batches (a few graphs; torch.compile's AOT-eager backend, for time: the shapes it
-    guards on are torch.compile's own)."""
+    """train.py --compile over batches whose sequence and feature lengths vary: it logs one compilation, made at the
+    first batch, at every log step: no recompilation, and no graph break (a value read in Python, or a shape made from
+    values, would break the graph). torch.compile's AOT-eager backend, for time: its guards are torch.compile's own."""
     compile_, before = torch.compile, train.compilations()  # a process-wide count: other tests may have compiled
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
     pack, shapes = tasks.LMTask.pack, set()
@@ -302,6 +307,55 @@ def test_compile_stops_compiling_after_warm_up(tmp_path, monkeypatch):
     args = ["dialogue", *TINY, "--compile", "--max-steps", "12", "--log-every", "2", "--batch-size", "4"]
     train.main([*args, "--output-dir", str(out)])
     counts = [m["train/compilations"] - before for m in read_metrics(out) if "train/compilations" in m]
-    assert len(counts) == 6 and 1 <= counts[0] <= 2 and counts[1:] == counts[:1] * 5, counts
+    assert counts == [1] * 6  # one graph: no graph break (where a value read or a shape from values would break it)
     sequence, features, labelled = (len(set(dim)) for dim in zip(*shapes, strict=True))
     assert sequence >= 4 and features >= 2 and labelled == 1, shapes  # (labelled positions come in multiples of 64)
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that make the host wait for the device on a GPU: reading a value (`.item()`, `bool()`, `if`
+    on a tensor) or an output whose shape depends on the values (nonzero, masked_select, boolean-mask indexing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        indices = args[1] if name == "aten::index" else ()
+        if name in ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim") or any(
+            i is not None and i.dtype == torch.bool for i in indices
+        ):
+            caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
+            self.found.append(f"{name} in {Path(caller.filename).name}:{caller.lineno} {caller.name}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["small", *FAMILY_FLAGS])
+def test_a_training_step_reads_nothing_back_from_the_device_but_transformers_packing_check(roots, family, tmp_path):
+    """train.py's step (forward_backward, TrainState.update with the fused AdamW of a GPU), the next-frame loss on,
+    runs no op that reads a value back to the host or makes a shape from values, for every family and its flags, but
+    one in transformers: given no mask, it checks the position ids it makes itself for packed sequences (under
+    torch.compile it does not: see test_compile_stops_compiling_after_warm_up). With the padding mask, as before,
+    transformers reads it twice; log_likelihood (evaluation) finds its positions with nonzero."""
+    flags = ["--model.video-loss-weight", "0.5", "--batch-size", "4", "--max-grad-norm", "1"]
+    args = ["dialogue", *TINY, *flags] if family == "small" else [*family_args(roots, family), *flags]
+    task, model, datasets = build(args, tmp_path / "tokenizer")
+    cfg = task.cfg
+    build_optimizer = train.build_optimizer
+    with mock.patch.object(train, "build_optimizer", lambda model, cfg, fused: build_optimizer(model, cfg, True)):
+        state = train.TrainState(cfg, model, 10, torch.device("cpu"), tmp_path, set(), 0, 1, {})
+    batch = task.collate([datasets["train"][i] for i in range(4)], train=True)
+    with HostReads() as reads:
+        stats = train.forward_backward(model, task, iter([batch]), cfg, nullcontext(), torch.device("cpu"), [])
+        state.update(stats, 1)
+    packing = "aten::_local_scalar_dense in masking_utils.py:761 find_packed_sequence_indices"
+    assert reads.found in ([], [packing])
+    assert stats[1] > 0 and any(p.grad is None for p in model.parameters())  # stepped, then zeroed
+
+    with HostReads() as reads, torch.no_grad():
+        model.hidden_states(batch)  # with the padding mask
+    assert len(reads.found) == 2 and all("masking_utils.py" in found for found in reads.found), reads.found
+    with HostReads() as reads:
+        model.log_likelihood(batch)
+    assert any(found.startswith("aten::nonzero") for found in reads.found)
