@@ -765,10 +765,11 @@ def bench_gpu(args, work: Path) -> dict:
     save_gpt2_124m(common, lm_dir)
     common += ["--model.name", str(lm_dir)]
     task, datasets, model, cfg = build_side(common, work / "gpu-side")
-    # build_causal_lm only grows the embeddings for added tokens: the small tokenizer leaves GPT-2's 50257 rows.
-    rows = model.lm.get_input_embeddings().num_embeddings
-    if rows != 50257:
-        raise RuntimeError(f"GPT-2 124M has {rows} embedding rows, not 50257")
+    # build_causal_lm only grows the embeddings for added tokens: the small tokenizer leaves GPT-2's 50257 rows
+    # (padded to 50304 by models.pad_vocabulary).
+    rows = model.lm.config.unpadded_vocab_size, model.lm.get_input_embeddings().num_embeddings
+    if rows != (50257, 50304):
+        raise RuntimeError(f"GPT-2 124M has {rows[0]} vocabulary rows (padded: {rows[1]}), not 50257 (50304)")
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
