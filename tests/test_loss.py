@@ -156,6 +156,26 @@ def test_losses_and_gradients_equal_the_full_logits_formula(roots, family, tmp_p
     torch.testing.assert_close(model.log_likelihood(scored), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_a_head_that_does_more_than_a_linear_layer_is_followed_or_refused(family):
+    """The loss's logits (output_logits on the backbone's states) equal the LM's own where its forward transforms
+    them (Gemma 2's soft-capping, Cohere's and Granite's scales); a transform output_logits does not apply is refused
+    when the LM is built (here GPT-2 given a Cohere-style scale it ignores), not trained on other logits."""
+    import transformers
+
+    width = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=300)
+    config = {
+        "gemma2": lambda: transformers.Gemma2Config(**width, intermediate_size=64, head_dim=16),
+        "cohere": lambda: transformers.CohereConfig(**width, intermediate_size=64, logit_scale=0.5),
+        "granite": lambda: transformers.GraniteConfig(**width, intermediate_size=64, logits_scaling=4.0),
+    }[family]()
+    assert models.output_logits_match(transformers.AutoModelForCausalLM.from_config(config))
+    lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300))
+    lm.config.logit_scale = 0.5
+    with pytest.raises(models.LoadError, match="changes its output head's logits"):
+        models.adapt(lm, models.ModelConfig(name="tiny"), tokenizer=range(300))  # (adapt reads its length only)
+
+
 def test_the_output_head_never_sees_more_than_a_chunk(tmp_path, monkeypatch):
     """With a chunk of 8 rows: the head gets at most 8 rows a call (in the forward pass and in its recomputation in
     the backward pass), no tensor kept for the backward pass is larger than 8 x V, and the loss and gradients are
