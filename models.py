@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from data import InputError
 
@@ -234,9 +235,15 @@ def unfit_weights(auto, name: str, kwargs: dict) -> tuple[str, list[str], list[s
 
 
 def adapt(model, cfg: ModelConfig, tokenizer):
-    """Embeddings grown for added tokens; --model.freeze-lm, --model.lora-r (peft), --model.grad-checkpointing."""
+    """Embeddings grown for added tokens (a causal LM's padded, see pad_vocabulary); --model.freeze-lm, --model.lora-r
+    (peft), --model.grad-checkpointing."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    if model.get_output_embeddings() is not None:  # a causal LM (a text encoder has no output head here)
+        pad_vocabulary(model)
+        if not output_logits_match(model):
+            reason = "its forward changes its output head's logits in a way the loss here does not (output_logits)"
+            raise LoadError("name", str(cfg.name), reason)
     if cfg.grad_checkpointing:
         checkpoint_activations(model)
     if cfg.freeze_lm:
@@ -270,6 +277,76 @@ def siglip_pil_processor(size: int):
 
     processor = getattr(siglip, "SiglipImageProcessorPil", None) or siglip.SiglipImageProcessor
     return processor(size={"height": size, "width": size})
+
+
+# A causal LM's vocabulary is padded to a multiple of this many rows: the output head's GEMM then runs on whole
+# tensor-core tiles (GPT-2's 50,257 rows do not: nanoGPT pads them to 50,304).
+VOCAB_MULTIPLE = 64
+# Rows of the output head computed at once in the loss, which runs it on the labelled positions only: at most this
+# many x V float32 logits exist at a time (0.6 GB with Qwen2's 151,936-row vocabulary, where all of a batch-64 step's
+# logits take 11.7 GB), and a GEMM of 1024 rows already fills a GPU's tensor cores. A dialogue step of batch 16 has
+# about 150 labelled tokens: one chunk.
+LOSS_CHUNK = 1024
+
+
+def pad_vocabulary(lm) -> None:
+    """`lm`'s vocabulary padded to a multiple of VOCAB_MULTIPLE rows. The padded rows are zero and no token's:
+    `config.unpadded_vocab_size` says where they start, VisualPrefixLM gives them no probability (the loss, beam
+    search) and an export leaves them out. The RNG is forked around the resize: the weights initialised after it are
+    those of an unpadded LM."""
+    rows = lm.get_input_embeddings().num_embeddings
+    if rows % VOCAB_MULTIPLE == 0:
+        return
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        lm.resize_token_embeddings(rows, pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=False)
+        for table in (lm.get_input_embeddings(), lm.get_output_embeddings()):
+            table.weight[rows:] = 0
+            if getattr(table, "bias", None) is not None:  # Phi's head has one
+                table.bias[rows:] = 0
+    lm.config.unpadded_vocab_size = rows
+
+
+def without_padded_rows(lm, logits: torch.Tensor) -> torch.Tensor:
+    """`logits` (..., V) with -inf in the columns of the rows pad_vocabulary added: they get no probability."""
+    vocab = getattr(lm.config, "unpadded_vocab_size", None)
+    if vocab is None:
+        return logits
+    return logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab, -math.inf)
+
+
+def lm_backbone(lm):
+    """The causal LM without its output head (transformers' `base_model`; of a peft model, of the LM it wraps)."""
+    return (lm.get_base_model() if hasattr(lm, "get_base_model") else lm).base_model
+
+
+def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the LM's last hidden states as its own forward makes them: the output head, then what some
+    families do beyond it, each read off its config (Gemma 2/3's soft-capping, Cohere's and Granite's scales,
+    Falcon-H1's multiplier). adapt checks this against the LM's own logits."""
+    config = lm.config
+    logits = lm.get_output_embeddings()(hidden)
+    if (scale := getattr(config, "logit_scale", None)) is not None:
+        logits = logits * scale
+    if (scale := getattr(config, "logits_scaling", None)) is not None:
+        logits = logits / scale
+    if (scale := getattr(config, "lm_head_multiplier", None)) is not None:
+        logits = logits * scale
+    if cap := getattr(config, "final_logit_softcapping", None):
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def output_logits_match(lm) -> bool:
+    """Whether output_logits on lm_backbone's states gives the LM's own logits (the loss computes them so, on the
+    labelled positions only): a family whose forward does more is refused, not trained on other logits. One 4-token
+    forward in eval mode (no dropout, no random draw)."""
+    training = lm.training
+    ids = torch.arange(4, device=lm.device).unsqueeze(0) % lm.get_input_embeddings().num_embeddings
+    with torch.no_grad():
+        own = lm.eval()(input_ids=ids, use_cache=False).logits
+        ours = output_logits(lm, lm_backbone(lm)(input_ids=ids, use_cache=False).last_hidden_state)
+    lm.train(training)
+    return torch.allclose(own, ours, rtol=1e-4, atol=1e-5)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str], template: str | None = None):
@@ -499,59 +576,112 @@ class VisualPrefixLM(nn.Module):
         mixed = torch.where(batch["is_visual"].unsqueeze(-1), visual.gather(1, index), text)
         return mixed + self.marker_embeds(batch["token_type_ids"])[0]
 
-    def run_lm(self, batch: dict, hidden_states: bool = False):
+    def run_lm(self, batch: dict):
         mask, embeds = batch["attention_mask"], self.embed(batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self.lm(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_hidden_states=hidden_states
-        )
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
 
-    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(B, L-1) negative log-likelihood of each next token; 0 where the label is -100."""
-        return nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
-        )
+    def hidden_states(self, batch: dict, padding_mask: bool = True) -> torch.Tensor:
+        """(B, L, H): the LM's last hidden states, its output head not applied. Without `padding_mask` the LM gets
+        neither the mask nor position ids, which is exact for a right-padded batch only (causal attention keeps
+        every real position from the padding after it, and the LM numbers positions from 0 itself): transformers
+        then reads no mask values (two waits for the device) and attends with SDPA's causal kernels; it still reads
+        the position ids it makes, for packed sequences, once a step unless compiled."""
+        embeds, lm = self.embed(batch), lm_backbone(self.lm)
+        if not padding_mask:
+            return lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        mask = batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+
+    def token_losses(
+        self, hidden: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) negative log-likelihood of each labelled next token (0 at padding), and (N,) the flat position
+        (into B x L) that predicts it. The output head runs on those positions only, LOSS_CHUNK rows at a time: the
+        (B, L, V) logits never exist. `index`: those positions as LMTask.pack lists them, padded with unlabelled
+        ones to a bucket (no host sync, few shapes to compile); unset, they are found here (a host sync)."""
+        index = labelled_positions(labels) if index is None else index
+        states, targets = hidden.flatten(0, 1)[index], next_labels(labels)[index]
+        # More than a chunk: each chunk's logits are recomputed in the backward pass instead of kept for it.
+        recompute = torch.is_grad_enabled() and len(index) > LOSS_CHUNK
+        losses = [
+            checkpoint(self.chunk_losses, *chunk, use_reentrant=False) if recompute else self.chunk_losses(*chunk)
+            for chunk in zip(states.split(LOSS_CHUNK), targets.split(LOSS_CHUNK), strict=True)
+        ]
+        return torch.cat(losses), index
+
+    def chunk_losses(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of (N, H) states against (N,) targets (-100: none), over float32 logits in which the rows
+        pad_vocabulary added have no probability."""
+        logits = without_padded_rows(self.lm, output_logits(self.lm, states).float())
+        return nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.run_lm(batch, hidden_states=self.video_head is not None)
-        loss = self.token_losses(out.logits, batch["labels"]).sum()
+        """(summed loss, number of labelled tokens). A batch marked `right_padded` (LMTask.pack's training batches)
+        runs without a padding mask (hidden_states)."""
+        hidden = self.hidden_states(batch, padding_mask=not batch.get("right_padded", False))
+        loss = self.token_losses(hidden, batch["labels"], batch.get("loss_index"))[0].sum()
         count = (batch["labels"][:, 1:] != -100).sum()
         if self.video_head is not None:
-            loss = loss + self.video_loss_weight * self.next_frame_loss(out.hidden_states[-1], batch) * count
+            loss = loss + self.video_loss_weight * self.next_frame_loss(hidden, batch) * count
         return loss, count
 
     def next_frame_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
-        """MSE between the prediction at visual position t and the input frame t+1 (both visual positions)."""
+        """MSE between the prediction at visual position t and the input frame t+1 (both visual positions); every
+        position predicts, the pairs are weighted in (a fixed shape: no host sync)."""
         tokens = self.vision(batch)[0]
         frames = tokens.gather(1, batch["visual_index"].unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        pairs = batch["is_visual"][:, :-1] & batch["is_visual"][:, 1:]
-        pred = self.video_head(hidden[:, :-1][pairs])
-        return nn.functional.mse_loss(pred.float(), frames[:, 1:][pairs].float())
+        pairs = (batch["is_visual"][:, :-1] & batch["is_visual"][:, 1:]).unsqueeze(-1)
+        errors = (self.video_head(hidden[:, :-1]).float() - frames[:, 1:].float()).square() * pairs
+        return errors.sum() / (pairs.sum() * errors.shape[-1])
 
     @torch.no_grad()
     def log_likelihood(self, batch: dict) -> torch.Tensor:
         """(B,) summed log-probability of each row's labelled tokens (ranking candidate answers)."""
-        return -self.token_losses(self.run_lm(batch).logits, batch["labels"]).sum(-1)
+        hidden = self.hidden_states(batch)
+        losses, index = self.token_losses(hidden, batch["labels"])
+        return -losses.new_zeros(len(hidden)).index_add_(0, index // hidden.shape[1], losses)
 
     @torch.no_grad()
     def generate(self, batch: dict, num_beams: int, max_len: int, min_len: int, eos_id: int, pad_id: int):
         """Beam search from a left-padded prompt; returns the new token ids of each sample (eos and pad stripped).
         Position ids come from the attention mask (generate's own, as in training). Every new token gets the type
         of the prompt's last token, as GPT-2 extends token_type_ids: generate embeds new tokens with the LM's
-        input embedding, so a hook adds the type there. Markers are never generated."""
+        input embedding, so a hook adds the type there. Markers are never generated; the padded vocabulary rows get
+        -inf logits from a hook on the output head (a suppressed token still weighs in the log-softmax that beam
+        scores come from), so beams are those of the LM without them."""
         embeds = self.embed(batch)
         types = self.marker_embeds(batch["token_type_ids"][:, -1:])[0]
-        hook = self.lm.get_input_embeddings().register_forward_hook(
-            lambda module, args, out: out + types.repeat_interleave(len(out) // len(types), 0).to(out.dtype)
-        )
+        hooks = [
+            self.lm.get_input_embeddings().register_forward_hook(
+                lambda module, args, out: out + types.repeat_interleave(len(out) // len(types), 0).to(out.dtype)
+            ),
+            self.lm.get_output_embeddings().register_forward_hook(
+                lambda module, args, out: without_padded_rows(self.lm, out)
+            ),
+        ]
         search = dict(num_beams=num_beams, max_new_tokens=max_len, min_new_tokens=min_len, do_sample=False)
         search |= dict(eos_token_id=eos_id, pad_token_id=pad_id, suppress_tokens=self.marker_ids.tolist())
         try:
             out = self.lm.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], **search)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         rows = [row[: row.index(eos_id)] if eos_id in row else row for row in out.tolist()]
         return [[t for t in row if t != pad_id] for row in rows]
+
+
+def next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) labels → (B * L,): the label of the token after each position (-100 where none, and at each row's end)."""
+    return nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+
+
+def labelled_positions(labels: torch.Tensor, multiple: int = 1) -> torch.Tensor:
+    """The flat positions (into B x L) whose next token is labelled, padded to a multiple of `multiple` with a
+    position that predicts nothing (row 0's last)."""
+    index = next_labels(labels).ne(-100).nonzero().squeeze(1)
+    return nn.functional.pad(index, (0, -len(index) % multiple), value=labels.shape[1] - 1)
 
 
 def small_config(config_class, cfg: ModelConfig, vocab_size: int, **fields):
@@ -583,10 +713,14 @@ def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
 
 
 def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> None:
-    """`load_visual_prefix`'s directory: the LM (LoRA merged into its weights) and the tokenizer with
-    save_pretrained, a vision tower with its image processor the same way in vision/, and visual_prefix.pt: the front
-    end's width, the projector's kind, the marker tokens and every other weight (projector, markers)."""
+    """`load_visual_prefix`'s directory: the LM (LoRA merged into its weights, the padded vocabulary rows left out:
+    both in `model` itself) and the tokenizer with save_pretrained, a vision tower with its image processor the same
+    way in vision/, and visual_prefix.pt: the front end's width, the projector's kind, the marker tokens and every
+    other weight (projector, markers)."""
     lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
+    if (rows := getattr(lm.config, "unpadded_vocab_size", None)) is not None:
+        lm.resize_token_embeddings(rows)  # plain transformers gets the tokenizer's rows only
+        del lm.config.unpadded_vocab_size
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     tower = {}

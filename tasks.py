@@ -26,7 +26,7 @@ import embedded
 import metrics
 import models
 from data import InputError
-from models import ModelConfig
+from models import ModelConfig, labelled_positions
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config shared by every task
@@ -297,6 +297,11 @@ def gather_results(results: list[dict]) -> list[dict]:
 # packing, generation
 
 
+# Training batches list their labelled positions (`loss_index`) in multiples of this many: the output head's GEMM gets
+# whole tiles and few distinct sizes.
+LOSS_ROWS_MULTIPLE = 64
+
+
 class LMTask(BaseTask):
     """A task whose model is models.VisualPrefixLM: visual tokens in front of a text prompt, then the target text.
 
@@ -342,7 +347,8 @@ class LMTask(BaseTask):
         `self.back`); targets = token ids to learn (train only; they and their <eos> take the type of the prompt's
         last token, and are the only labelled positions). One sequence per sample, [visual | text]: `is_visual`
         and `visual_index` say which positions take which visual token (VisualPrefixLM). Train: right-padded with
-        labels. Eval: the prompt alone, left-padded for generation, and the samples' references if they have any."""
+        labels and the positions that predict them (`loss_index`, see VisualPrefixLM.token_losses). Eval: the prompt
+        alone, left-padded for generation, and the samples' references if they have any."""
         eos, pad_id, left = self.token["<eos>"], self.token["<pad>"], not train
         ids, types, visual, labels = [], [], [], []
         for sample, (prompt, kinds), target in zip(samples, prompts, targets, strict=True):
@@ -366,6 +372,8 @@ class LMTask(BaseTask):
         }
         if train:
             batch["labels"] = data.pad(labels, -100, left=False)
+            batch["loss_index"] = labelled_positions(batch["labels"], LOSS_ROWS_MULTIPLE)
+            batch["right_padded"] = True  # the model runs without a padding mask (VisualPrefixLM.hidden_states)
         elif "references" in samples[0]:
             batch["references"] = [s["references"] for s in samples]
         batch["ids"] = [s["id"] for s in samples]

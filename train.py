@@ -477,7 +477,16 @@ def place_model(model, cfg: TaskConfig, device, bf16: bool, ckpt_path: Path | No
     trained = model
     if dist.is_initialized() and not cfg.fsdp:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, torch.compile(trained) if cfg.compile else trained
+    # Every dimension symbolic from the first compilation: sequence, visual and label lengths vary between batches, and
+    # a dimension compiled static recompiles when it first changes, late in the run for a rarely changing one.
+    return model, torch.compile(trained, dynamic=True) if cfg.compile else trained
+
+
+def compilations() -> int:
+    """Graphs torch.compile has compiled in this process so far (--compile: constant once warmed up)."""
+    from torch._dynamo.utils import counters  # torch has no public counter of them; its own tests read this one
+
+    return counters["stats"]["unique_graphs"]
 
 
 def shard_model(model: torch.nn.Module, bf16: bool) -> None:
@@ -740,6 +749,8 @@ class TrainState:
             metrics["train/mfu"] = per_token * tokens_total / elapsed / (peak_flops * self.world)
         if self.cfg.max_grad_norm > 0:
             metrics["train/grad_norm"] = self.grad_norm.item()
+        if self.cfg.compile:
+            metrics["train/compilations"] = compilations()
         return metrics
 
     def save(self, step: int, metrics: dict[str, float]) -> None:

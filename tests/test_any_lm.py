@@ -205,6 +205,9 @@ def test_gpt2_type_embeddings_equal_gpt2s_own_token_types(roots, tmp_path):
     """The shared mechanism (markers table added to the input) against GPT-2's token_type_ids (its word embeddings
     of the type tokens, added by GPT-2 itself): the same logits, the same beams."""
     task, model, datasets = fresh_model(roots, "gpt2", tmp_path)
+    # Without the padded vocabulary rows, which scaled() fills: GPT-2's own generate would emit them.
+    model.lm.resize_token_embeddings(model.lm.config.unpadded_vocab_size)
+    del model.lm.config.unpadded_vocab_size
     model = scaled(model)
     with torch.no_grad():
         model.markers.weight.copy_(model.lm.get_input_embeddings().weight[model.marker_ids])

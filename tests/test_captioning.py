@@ -211,7 +211,7 @@ def test_learns_from_the_features_and_shuffling_them_hurts(tmp_path, monkeypatch
 
 def test_pretrained_gpt2_from_a_local_directory(tmp_path):
     """--model.name: a GPT-2 and its tokenizer saved with save_pretrained (a tiny one here: no download) get the
-    task's special tokens and embeddings resized to match; a train step and beam search run on it."""
+    task's special tokens and embeddings resized to match (and padded); a train step and beam search run on it."""
     from transformers import AutoTokenizer
 
     import models
@@ -221,7 +221,8 @@ def test_pretrained_gpt2_from_a_local_directory(tmp_path):
     task = task_for(write_root(tmp_path / "data"), model=models.ModelConfig(name=str(pretrained)))
     datasets = task.build_datasets()
     model = task.build_model(datasets["train"], tmp_path / "run" / "tokenizer")
-    assert model.lm.get_input_embeddings().num_embeddings == len(task.tokenizer) > len(tokenizer)
+    assert model.lm.config.unpadded_vocab_size == len(task.tokenizer) > len(tokenizer)  # then padded to 64s
+    assert model.lm.get_input_embeddings().num_embeddings % 64 == 0
     loss, count = task.train_step(model, task.collate([datasets["train"][i] for i in range(3)], train=True))
     assert torch.isfinite(loss) and count > 0
     loss.backward()
