@@ -11,6 +11,7 @@ from functools import partial
 from pathlib import Path
 from unittest import mock
 
+import faulty
 import pytest
 import torch
 from helpers import read_metrics, save_lm_family
@@ -18,7 +19,7 @@ from test_any_lm import FAMILY_FLAGS
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import data
+import embedded
 import models
 import tasks
 import train
@@ -31,10 +32,10 @@ TINY += ["--data.num-workers", "0", "--model.dropout", "0", "--no-report-metric"
 def roots(tmp_path_factory):
     """Tiny embedded AVSD and VQA, and every family's checkpoint."""
     base = tmp_path_factory.mktemp("loss")
-    with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 8, "val": 3}, clear=True):
-        data.make_embedded_avsd(base / "avsd")
-    with mock.patch.dict(data.VQA_SPLITS, {"train": 6, "val": 3}, clear=True):
-        data.make_embedded_vqa(base / "vqa")
+    with mock.patch.dict(embedded.EMBEDDED_SPLITS, {"train": 8, "val": 3}, clear=True):
+        embedded.make_embedded_avsd(base / "avsd")
+    with mock.patch.dict(embedded.VQA_SPLITS, {"train": 6, "val": 3}, clear=True):
+        embedded.make_embedded_vqa(base / "vqa")
     return {"base": base, **{family: save_lm_family(family, base / family) for family in FAMILY_FLAGS}}
 
 
@@ -295,10 +296,9 @@ def test_padded_rows_stay_zero_through_training_and_an_exact_resume(tmp_path, mo
 
     args = ["dialogue", *TINY, "--max-steps", "4", "--save-every", "2", "--weight-decay", "0.1"]
     train.main([*args, "--output-dir", str(tmp_path / "run")])
-    monkeypatch.setenv("VLTASKS_INJECT_FAULT", "raise:2:0")
-    with pytest.raises(RuntimeError, match="fails after step 2"):
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="fails after step 2"):
+        patch.setattr(train, "forward_backward", faulty.fail_after("raise", 2))
         train.main([*args, "--output-dir", str(tmp_path / "resumed")])
-    monkeypatch.delenv("VLTASKS_INJECT_FAULT")
     train.main([*args, "--output-dir", str(tmp_path / "resumed"), "--resume", "auto"])
     a, b = (torch.load(tmp_path / run / "ckpt_last.pt", weights_only=True)["model"] for run in ("run", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
