@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from torch import nn
@@ -531,6 +531,28 @@ class VisionTower(nn.Module):
 # A causal LM with a visual prefix (video-grounded dialogue, captioning, generative VQA)
 
 
+IGNORE = -100  # the label of a position with nothing to learn (cross_entropy's ignore_index)
+
+
+class LMBatch(TypedDict, total=False):
+    """What LMTask.pack builds and VisualPrefixLM reads: B rows of L positions, [visual | text] each, beside the
+    front end's input (`features` and `feature_mask`, or `pixels`). Tensors go to the device, the rest stays."""
+
+    input_ids: torch.Tensor  # (B, L) token ids (padding at the visual positions)
+    token_type_ids: torch.Tensor  # (B, L) marker ids, added as types where the model has them
+    attention_mask: torch.Tensor  # (B, L) 1 on real positions; eval rows are left-padded for generation
+    is_visual: torch.Tensor  # (B, L) bool: the position takes a visual token...
+    visual_index: torch.Tensor  # (B, L) ...this one of the front end's
+    labels: torch.Tensor  # (B, L) training: the token to learn at each position, IGNORE elsewhere
+    loss_index: torch.Tensor  # training: the flat positions whose next token is labelled (token_losses)
+    right_padded: bool  # training: rows right-padded, so the LM needs no padding mask (hidden_states)
+    features: torch.Tensor
+    feature_mask: torch.Tensor
+    pixels: torch.Tensor
+    references: list  # eval: each sample's reference texts, where the split has them
+    ids: list  # each sample's id
+
+
 class VisualPrefixLM(nn.Module):
     """A causal LM whose input mixes projected visual tokens and text (LAVIS's `gpt_dialogue`; the visual prefix of
     BLIP-2 and LLaVA). `is_visual` marks the positions that take a visual token (`visual_index`: which of the front
@@ -568,7 +590,7 @@ class VisualPrefixLM(nn.Module):
         found = hit.any(-1, keepdim=True)
         return self.markers(hit.int().argmax(-1)) * found, found
 
-    def embed(self, batch: dict) -> torch.Tensor:
+    def embed(self, batch: LMBatch) -> torch.Tensor:
         own, is_marker = self.marker_embeds(batch["input_ids"])
         text = torch.where(is_marker, own, self.lm.get_input_embeddings()(batch["input_ids"]))
         visual = self.projector(self.vision(batch)[0].to(text.dtype))
@@ -576,12 +598,12 @@ class VisualPrefixLM(nn.Module):
         mixed = torch.where(batch["is_visual"].unsqueeze(-1), visual.gather(1, index), text)
         return mixed + self.marker_embeds(batch["token_type_ids"])[0]
 
-    def run_lm(self, batch: dict):
+    def run_lm(self, batch: LMBatch):
         mask, embeds = batch["attention_mask"], self.embed(batch)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
 
-    def hidden_states(self, batch: dict, padding_mask: bool = True) -> torch.Tensor:
+    def hidden_states(self, batch: LMBatch, padding_mask: bool = True) -> torch.Tensor:
         """(B, L, H): the LM's last hidden states, its output head not applied. Without `padding_mask` the LM gets
         neither the mask nor position ids, which is exact for a right-padded batch only (causal attention keeps
         every real position from the padding after it, and the LM numbers positions from 0 itself): transformers
@@ -612,22 +634,22 @@ class VisualPrefixLM(nn.Module):
         return torch.cat(losses), index
 
     def chunk_losses(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of (N, H) states against (N,) targets (-100: none), over float32 logits in which the rows
+        """Cross-entropy of (N, H) states against (N,) targets (IGNORE: none), over float32 logits in which the rows
         pad_vocabulary added have no probability."""
         logits = without_padded_rows(self.lm, output_logits(self.lm, states).float())
-        return nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+        return nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, number of labelled tokens). A batch marked `right_padded` (LMTask.pack's training batches)
         runs without a padding mask (hidden_states)."""
         hidden = self.hidden_states(batch, padding_mask=not batch.get("right_padded", False))
         loss = self.token_losses(hidden, batch["labels"], batch.get("loss_index"))[0].sum()
-        count = (batch["labels"][:, 1:] != -100).sum()
+        count = (batch["labels"][:, 1:] != IGNORE).sum()
         if self.video_head is not None:
             loss = loss + self.video_loss_weight * self.next_frame_loss(hidden, batch) * count
         return loss, count
 
-    def next_frame_loss(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    def next_frame_loss(self, hidden: torch.Tensor, batch: LMBatch) -> torch.Tensor:
         """MSE between the prediction at visual position t and the input frame t+1 (both visual positions); every
         position predicts, the pairs are weighted in (a fixed shape: no host sync)."""
         tokens = self.vision(batch)[0]
@@ -637,14 +659,14 @@ class VisualPrefixLM(nn.Module):
         return errors.sum() / (pairs.sum() * errors.shape[-1])
 
     @torch.no_grad()
-    def log_likelihood(self, batch: dict) -> torch.Tensor:
+    def log_likelihood(self, batch: LMBatch) -> torch.Tensor:
         """(B,) summed log-probability of each row's labelled tokens (ranking candidate answers)."""
         hidden = self.hidden_states(batch)
         losses, index = self.token_losses(hidden, batch["labels"])
         return -losses.new_zeros(len(hidden)).index_add_(0, index // hidden.shape[1], losses)
 
     @torch.no_grad()
-    def generate(self, batch: dict, num_beams: int, max_len: int, min_len: int, eos_id: int, pad_id: int):
+    def generate(self, batch: LMBatch, num_beams: int, max_len: int, min_len: int, eos_id: int, pad_id: int):
         """Beam search from a left-padded prompt; returns the new token ids of each sample (eos and pad stripped).
         Position ids come from the attention mask (generate's own, as in training). Every new token gets the type
         of the prompt's last token, as GPT-2 extends token_type_ids: generate embeds new tokens with the LM's
@@ -673,14 +695,14 @@ class VisualPrefixLM(nn.Module):
 
 
 def next_labels(labels: torch.Tensor) -> torch.Tensor:
-    """(B, L) labels → (B * L,): the label of the token after each position (-100 where none, and at each row's end)."""
-    return nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    """(B, L) labels → (B * L,): the label of the token after each position (IGNORE where none, at each row's end)."""
+    return nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()
 
 
 def labelled_positions(labels: torch.Tensor, multiple: int = 1) -> torch.Tensor:
     """The flat positions (into B x L) whose next token is labelled, padded to a multiple of `multiple` with a
     position that predicts nothing (row 0's last)."""
-    index = next_labels(labels).ne(-100).nonzero().squeeze(1)
+    index = next_labels(labels).ne(IGNORE).nonzero().squeeze(1)
     return nn.functional.pad(index, (0, -len(index) % multiple), value=labels.shape[1] - 1)
 
 

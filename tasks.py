@@ -26,7 +26,7 @@ import embedded
 import metrics
 import models
 from data import InputError
-from models import ModelConfig, labelled_positions
+from models import LMBatch, ModelConfig, labelled_positions
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config shared by every task
@@ -342,7 +342,7 @@ class LMTask(BaseTask):
         costs as much again, in every batch (collate runs in the loader workers, which share the CPU with training)."""
         return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def pack(self, samples: list[dict], prompts: list[tuple[list[int], list[int]]], targets, train: bool) -> dict:
+    def pack(self, samples: list[dict], prompts: list[tuple[list[int], list[int]]], targets, train: bool) -> LMBatch:
         """prompts = (token ids, token types) per sample, placed after its visual tokens (between `self.front` and
         `self.back`); targets = token ids to learn (train only; they and their <eos> take the type of the prompt's
         last token, and are the only labelled positions). One sequence per sample, [visual | text]: `is_visual`
@@ -355,7 +355,7 @@ class LMTask(BaseTask):
             frames = self.visual_len(sample)
             prompt = [*self.front, *prompt, *self.back]
             kinds = [kinds[0]] * len(self.front) + kinds + [kinds[-1]] * len(self.back)
-            labels.append([-100] * (frames + len(prompt)) + [*target, eos])
+            labels.append([models.IGNORE] * (frames + len(prompt)) + [*target, eos])
             if train:
                 prompt, kinds = [*prompt, *target, eos], kinds + [kinds[-1]] * (len(target) + 1)
             ids.append([pad_id] * frames + prompt)
@@ -371,7 +371,7 @@ class LMTask(BaseTask):
             "visual_index": (visual.cumsum(1) - 1) * visual,  # the k-th visual position takes visual token k
         }
         if train:
-            batch["labels"] = data.pad(labels, -100, left=False)
+            batch["labels"] = data.pad(labels, models.IGNORE, left=False)
             batch["loss_index"] = labelled_positions(batch["labels"], LOSS_ROWS_MULTIPLE)
             batch["right_padded"] = True  # the model runs without a padding mask (VisualPrefixLM.hidden_states)
         elif "references" in samples[0]:
@@ -662,7 +662,7 @@ class VQATask(LMTask):
         scores = torch.empty(shortlist.numel(), device=device)
         # Each image encoded once (a tower would run per pair otherwise); the pairs carry its tokens.
         visual = dict(zip(("features", "feature_mask"), model.vision(batch), strict=True))
-        prompts = {**batch, "labels": torch.full_like(batch["input_ids"], -100)}
+        prompts = {**batch, "labels": torch.full_like(batch["input_ids"], models.IGNORE)}
         for pairs in torch.arange(len(scores), device=device).split(self.cfg.rank_batch_size):
             question, answer = pairs // shortlist.shape[1], shortlist.flatten()[pairs]
             answer_ids, answer_mask = candidates[answer], candidate_mask[answer]
@@ -672,7 +672,7 @@ class VQATask(LMTask):
                 "attention_mask": answer_mask.long(),
                 "is_visual": torch.zeros_like(answer_mask),
                 "visual_index": torch.zeros_like(answer_ids),
-                "labels": answer_ids.masked_fill(~answer_mask, -100),
+                "labels": answer_ids.masked_fill(~answer_mask, models.IGNORE),
             }
             rows = {k: v[question] for k, v in visual.items()}
             rows |= {k: torch.cat([prompts[k][question], v], 1) for k, v in appended.items()}
