@@ -355,8 +355,7 @@ def export(task, model: torch.nn.Module, cfg: TaskConfig) -> None:
     """--export DIR: the checkpoint's model as plain transformers code loads it (the task's `export`)."""
     if cfg.export.exists() and any(cfg.export.iterdir()) and not cfg.overwrite:
         raise InputError(f"--export {cfg.export} is not empty: pass another directory or --overwrite")
-    task.export(model, cfg.export)
-    print(f"exported {cfg.resume} to {cfg.export}: models.load_visual_prefix({str(cfg.export)!r})", flush=True)
+    print(f"exported {cfg.resume} to {cfg.export}: {task.export(model, cfg.export)}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
