@@ -7,6 +7,7 @@ tokenizer trained on the training text, so the default runs with no download; se
 
 import contextlib
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -666,15 +667,17 @@ class ChatFormat:
     and assistant messages, the images (or the video, where the processor has a video processor) in the first one,
     then the template's generation prompt; the answer follows as the template writes a reply, closed by its end-of-turn
     token (the first special token after a reply; eos where the template closes a turn with none, as LLaVA-1.5's).
-    Without one (BLIP-2): the turns on lines of their own, then the answer and eos. The processor expands the image
-    tokens. Training batches are right-padded with labels on the answer and its end-of-turn token only (checked: the
-    tokens of prompt + answer must end with the answer's own); generation batches are the prompts, left-padded."""
+    Without one: the turns on lines of their own, then the answer and eos (BLIP-2: after a space; PaliGemma: as the
+    suffix its processor takes, which marks it in token_type_ids). The processor expands the image tokens. Training
+    batches are right-padded with labels on the answer and its end-of-turn token only (checked: the tokens of prompt +
+    answer must end with the answer's own); generation batches are the prompts, left-padded."""
 
     def __init__(self, processor):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.chat = bool(getattr(processor, "chat_template", None))
         self.video = getattr(processor, "video_processor", None) is not None
-        self.lead, close = "", ""
+        self.suffix = "suffix" in inspect.signature(processor.__call__).parameters
+        self.lead, close = "" if self.suffix else " ", ""
         if self.chat:
             turn = Conversation([], ["PROMPT_7f3a"])
             prompt, full = self.prompt(turn), self.render(turn, "REPLY_7f3a")
@@ -702,19 +705,22 @@ class ChatFormat:
 
     def answer(self, text: str) -> str:
         """What follows the prompt when `text` is the reply: as the template writes it, closed by the end of turn."""
-        return (self.lead if self.chat else " ") + text + self.end
+        return self.lead + text + self.end
 
     def answer_ids(self, text: str) -> list[int]:
         return self.tokenizer(self.answer(text), add_special_tokens=False)["input_ids"]
 
     def __call__(self, conversations: list[Conversation], train: bool) -> dict[str, torch.Tensor]:
-        texts = [self.prompt(c) + (self.answer(c.answer) if train else "") for c in conversations]
+        suffix = train and self.suffix
+        texts = [self.prompt(c) + (self.answer(c.answer) if train and not suffix else "") for c in conversations]
         video = conversations[0].video and self.video
         media = {"videos" if video else "images": [c.images for c in conversations]}
+        media |= {"suffix": [c.answer for c in conversations]} if suffix else {}
         bos = self.tokenizer.bos_token  # a template that writes it: the tokenizer must not add it again
         side = dict(padding=True, padding_side="right" if train else "left", return_tensors="pt")
         side["add_special_tokens"] = not (bos and texts[0].startswith(bos))
         batch = dict(self.processor(text=texts, **media, **side))
+        batch.pop("labels", None)  # PaliGemma's own: ours are checked
         if train:
             batch["labels"] = self.labels(batch, [self.answer_ids(c.answer) for c in conversations])
         return batch
@@ -742,17 +748,18 @@ def vlm_parts(model) -> tuple[nn.Module, nn.Module]:
     return lm, nn.ModuleList([m for n, m in vision.named_children() if n != "merger"])
 
 
-def unused_weights(model, processor) -> set[int]:
-    """ids of the vision and projector weights the image features do not depend on (LLaVA's last vision layer,
-    BLIP-2's Q-Former text layers): a backward pass from one blank image's features. Trained, DDP would wait for
-    their gradients forever."""
+def unused_weights(model, processor, lm: nn.Module) -> set[int]:
+    """ids of the trained vision and projector weights the image features do not depend on (LLaVA's last vision
+    layer, BLIP-2's Q-Former text layers): a backward pass from one blank image's features. Trained, DDP would wait
+    for their gradients forever."""
     from PIL import Image
 
     inputs = processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
     out = model.get_image_features(**inputs)
     features = out.pooler_output if hasattr(out, "pooler_output") else out
     sum(f.float().sum() for f in (features if isinstance(features, (list, tuple)) else [features])).backward()
-    unused = {id(p) for p in model.parameters() if p.requires_grad and p.grad is None}
+    in_lm = {id(p) for p in lm.parameters()}
+    unused = {id(p) for p in model.parameters() if p.requires_grad and p.grad is None and id(p) not in in_lm}
     model.zero_grad(set_to_none=True)
     return unused
 
@@ -783,7 +790,7 @@ class VLM(nn.Module):
         for name, p in model.named_parameters():
             in_lm = ("lora_" in name) if cfg.lora_r else not cfg.freeze_lm
             p.requires_grad_(not cfg.freeze_vision if id(p) in vision_ids else in_lm if id(p) in lm_ids else True)
-        unused = unused_weights(model, processor)
+        unused = unused_weights(model, processor, lm)
         for p in model.parameters():
             p.requires_grad_(p.requires_grad and id(p) not in unused)
         self.model, self.frozen_vision = model, cfg.freeze_vision
