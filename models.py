@@ -745,7 +745,9 @@ def vlm_parts(model) -> tuple[nn.Module, nn.Module]:
     vision = next(getattr(inner, n) for n in ("vision_tower", "vision_model", "visual") if hasattr(inner, n))
     head = model.get_output_embeddings()
     lm = nn.ModuleList([lm] + ([head] if all(head is not m for m in lm.modules()) else []))
-    return lm, nn.ModuleList([m for n, m in vision.named_children() if n != "merger"])
+    if hasattr(vision, "merger"):
+        vision = nn.ModuleList([m for n, m in vision.named_children() if n != "merger"])
+    return lm, vision
 
 
 def unused_weights(model, processor, lm: nn.Module) -> set[int]:
@@ -774,9 +776,7 @@ class VLM(nn.Module):
         super().__init__()
         from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
-        processor = pretrained(AutoProcessor.from_pretrained, cfg.name, "processor")
-        if getattr(processor, "image_processor", None) is None:
-            raise LoadError("name", cfg.name, "no image processor beside the model: save its processor there")
+        processor = pretrained(AutoProcessor.from_pretrained, cfg.name, "processor")  # before the weights: cheaper
         self.format = ChatFormat(processor)
         model = load_weights(AutoModelForImageTextToText, cfg.name)
         ids = dict(bos_token_id=self.format.tokenizer.bos_token_id, pad_token_id=self.format.pad_id)

@@ -318,8 +318,8 @@ class LMTask(BaseTask):
     def training_texts(self, train_set: Dataset) -> list[str]:
         raise NotImplementedError
 
-    SCORED: typing.ClassVar[tuple[str, ...]] = ("references",)
-    """What evaluation scores a prediction against: carried from the samples into eval batches (a VLM's)."""
+    SCORED: typing.ClassVar[dict[str, str]] = {"references": "references"}
+    """What evaluation scores a prediction against: batch key → sample key (eval batches of a VLM carry them)."""
 
     @functools.cached_property
     def vlm(self) -> bool:
@@ -342,7 +342,7 @@ class LMTask(BaseTask):
         conversations = [self.conversation(s, train) for s in samples]
         batch = {**self.chat(conversations, train), "ids": [s["id"] for s in samples]}
         if not train:
-            batch |= {k: [s[k] for s in samples] for k in self.SCORED if k in samples[0]}
+            batch |= {k: [s[key] for s in samples] for k, key in self.SCORED.items() if key in samples[0]}
             batch["conversations"] = conversations
         return batch
 
@@ -656,7 +656,7 @@ class VQATask(LMTask):
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [t for s in train_set.samples for t in (s["question"], metrics.consensus_answer(s["answers"]))]
 
-    SCORED = ("answers", "answer_types")
+    SCORED: typing.ClassVar[dict[str, str]] = {"answers": "answers", "answer_types": "answer_type"}
     PROMPT = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 prompt, after the question
 
     def conversation(self, sample: dict, train: bool) -> models.Conversation:

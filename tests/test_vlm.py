@@ -14,9 +14,8 @@ from unittest import mock
 import faulty
 import pytest
 import torch
-from helpers import generate_batched_and_alone, read_metrics, train_ok
+from helpers import generate_batched_and_alone, read_metrics
 
-import data
 import embedded
 import models
 import tasks
@@ -264,3 +263,128 @@ def test_a_left_padded_batch_generates_what_each_sample_generates_alone(roots, c
     assert len({len(s["question"]) for s in samples}) > 1
     batched, alone = generate_batched_and_alone(task, model.eval(), samples, max_len=6)
     assert batched == alone and all(len(row) >= 2 for row in batched)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training through train.py: loss, beam search, exact resume; VQA rank
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_evaluates_with_beam_search_and_resumes_exactly(roots, checkpoint, family, tmp_path, monkeypatch):
+    """Captioning from the embedded images: the loss falls over 4 steps, the val split is captioned by beam search,
+    and a run that fails after step 2 and resumes ends with the losses and weights of the uninterrupted one."""
+    args = argv("captioning", roots, checkpoint, family, "--max-steps", 4, "--save-every", 2)
+    train.main([*args, "--output-dir", str(tmp_path / "whole")])
+    whole = losses(tmp_path / "whole")
+    assert len(whole) == 4 and all(math.isfinite(v) for v in whole.values()) and whole[4] < whole[1], whole
+    predictions = json.loads((tmp_path / "whole" / "results" / "val_step4.json").read_text())
+    assert len(predictions) == 4 and all(isinstance(r["prediction"], str) for r in predictions)
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="injected fault"):
+        patch.setattr(train, "forward_backward", faulty.fail_after("raise", 2))
+        train.main([*args, "--output-dir", str(tmp_path / "resumed")])
+    train.main([*args, "--output-dir", str(tmp_path / "resumed"), "--resume", "auto"])
+    assert losses(tmp_path / "resumed") == whole
+    a, b = (torch.load(tmp_path / d / "ckpt_last.pt", weights_only=True) for d in ("whole", "resumed"))
+    assert a["model"].keys() == b["model"].keys() and a["frozen_sha256"] == b["frozen_sha256"]
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert not any(".vision" in k or "visual." in k for k in a["model"])  # lean: the frozen tower is not saved
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vqa_rank_picks_the_likeliest_candidate(roots, checkpoint, family, tmp_path):
+    """rank scores every (question, candidate answer) conversation as training writes it: the pick is the candidate
+    whose conversation, scored alone, is the likeliest; with a shortlist, one of its candidates."""
+    args = argv("vqa", roots, checkpoint, family, "--inference-method", "rank", "--num-ans-candidates", 0)
+    task, datasets, model = build([*args, "--rank-batch-size", "7"], tmp_path)
+    model.eval()
+    samples = [datasets["val"][i] for i in range(len(datasets["val"]))]
+    picked = [r["prediction"] for r in task.valid_step(model, task.collate(samples, train=False))]
+    assert len(task.candidates) > 3
+    for sample, pick in zip(samples, picked, strict=True):
+        question = task.conversation(sample, train=False)
+        alone = [model.log_likelihood(task.chat([dataclasses.replace(question, answer=a)], train=True)).item()
+                 for a in task.candidates]  # fmt: skip
+        assert pick == task.candidates[max(range(len(alone)), key=alone.__getitem__)]
+    task.cfg = dataclasses.replace(task.cfg, num_ans_candidates=2)
+    assert all(r["prediction"] in task.candidates for r in task.valid_step(model, task.collate(samples, train=False)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What trains; the checkpoints it cannot serve
+
+
+def trained(model) -> dict[str, int]:
+    """Trained parameters per part (lm, vision) and of the rest (projector)."""
+    parts = {id(p): name for name, module in model.parts().items() for p in module.parameters()}
+    counts = {"lm": 0, "vision": 0, "projector": 0}
+    for p in model.parameters():
+        counts[parts.get(id(p), "projector")] += p.numel() if p.requires_grad else 0
+    return counts
+
+
+def test_what_trains_follows_the_flags(roots, checkpoint, tmp_path):
+    """LLaVA: the tower frozen by default, the LM and projector trained; --model.freeze-lm leaves the projector;
+    LoRA adapts only the LM's linear layers (its output head, the tower and the projector keep their weights);
+    --model.no-freeze-vision trains the tower but for what the image features do not depend on (its last layer:
+    LLaVA reads the one before); the optimizer gives each part its learning rate."""
+    base = argv("captioning", roots, checkpoint, "llava")
+    counts = {flags: trained(build([*base, *flags.split()], tmp_path)[2]) for flags in (
+        "", "--model.freeze-lm", "--model.lora-r 4", "--model.no-freeze-vision --model.grad-checkpointing",
+    )}  # fmt: skip
+    default, frozen_lm, lora, tuned = counts.values()
+    assert default["vision"] == 0 and default["lm"] > 0 and default["projector"] > 0
+    assert frozen_lm == default | {"lm": 0}
+    assert 0 < lora["lm"] < default["lm"] / 2 and lora["vision"] == 0 and lora["projector"] == default["projector"]
+    _, _, model = build([*base, "--model.lora-r", "4"], tmp_path)
+    adapted = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert adapted and all(".language_model." in n for n in adapted)
+    _, _, model = build(
+        [*base, "--model.no-freeze-vision", "--model.vision-lr", "1e-4", "--model.lm-lr", "1e-3"], tmp_path
+    )
+    vision = dict(model.parts()["vision"].named_parameters())
+    assert not any(p.requires_grad for n, p in vision.items() if ".layers.1." in n or "post_layernorm" in n)
+    assert tuned["vision"] == sum(
+        p.numel() for n, p in vision.items() if ".layers.1." not in n and "post_layernorm" not in n
+    )
+    _, cfg = train.parse_config(
+        [*base, "--model.no-freeze-vision", "--model.vision-lr", "1e-4", "--model.lm-lr", "1e-3"]
+    )
+    rates = {g["lr"] for g in train.build_optimizer(model, cfg, fused=False).param_groups}
+    assert rates == {1e-2, 1e-3, 1e-4}
+
+
+def test_a_checkpoint_it_cannot_serve_is_one_error_line(roots, checkpoint, tmp_path, capsys):
+    """No processor beside the weights, a tokenizer but no image processor, a multimodal model that is not an
+    image-text-to-text one (CLIP): each one `error:` line naming the checkpoint, before a run directory exists."""
+    from helpers import save_encoder_family
+
+    llava = checkpoint("llava")
+    bare, text_only = tmp_path / "bare", tmp_path / "text-only"
+    for directory, files in (
+        (bare, ("config.json", "model.safetensors")),
+        (text_only, ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")),
+    ):
+        directory.mkdir()
+        for name in files:
+            shutil.copy(llava / name, directory)
+    clip = save_encoder_family("clip", tmp_path / "clip")
+    capsys.readouterr()  # what making them wrote
+    for name, says in (
+        (bare, "cannot load the processor"),
+        (text_only, "preprocessor_config.json"),
+        (clip, "clip is neither a causal LM nor"),
+    ):
+        args = [
+            "captioning",
+            "--data.root",
+            str(roots["captioning"]),
+            "--model.name",
+            str(name),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+        with pytest.raises(SystemExit) as exit:
+            train.run(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --model.name {name}: "), lines
+        assert says in lines[0] and not (tmp_path / "run").exists()
