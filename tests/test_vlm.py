@@ -14,8 +14,9 @@ from unittest import mock
 import faulty
 import pytest
 import torch
-from helpers import generate_batched_and_alone, read_metrics
+from helpers import generate_batched_and_alone, read_metrics, train_ok
 
+import data
 import embedded
 import models
 import tasks
@@ -234,7 +235,7 @@ def test_labels_cover_the_answer_and_end_of_turn_only(roots, checkpoint, family,
     """Decoded, the labelled positions of a training batch are each caption as the family writes a reply (after its
     generation prompt) and its end-of-turn token; what precedes them is, token for token, the generation batch's
     prompt (image tokens expanded by the processor, left padding stripped)."""
-    task, datasets, model = build(argv("captioning", roots, checkpoint, family), tmp_path)
+    task, datasets, _ = build(argv("captioning", roots, checkpoint, family), tmp_path)
     samples = [datasets["train"][i] for i in range(4)]
     batch, prompts = task.collate(samples, train=True), task.collate(samples, train=False)
     ends_prompt, lead, end = WRITTEN[family]
@@ -388,3 +389,65 @@ def test_a_checkpoint_it_cannot_serve_is_one_error_line(roots, checkpoint, tmp_p
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --model.name {name}: "), lines
         assert says in lines[0] and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video dialogue, export, DDP
+
+
+@pytest.mark.parametrize("family", ["llava", pytest.param("qwen2_vl", marks=NATIVE_VIDEO)])
+def test_video_dialogue_takes_the_frames_natively_or_as_images(roots, checkpoint, family, tmp_path):
+    """Dialogue on the embedded videos, 2 frames each: Qwen2-VL reads them as its video input, LLaVA as 2 images in
+    the first user turn; the dialog so far comes as earlier turns. Trains and answers through train.py."""
+    args = argv("dialogue", roots, checkpoint, family, "--data.num-frames", 2, "--max-steps", 2)
+    task, datasets, _ = build(args, tmp_path)
+    sample = max((datasets["train"][i] for i in range(len(datasets["train"]))), key=lambda s: len(s["history"]))
+    assert len(sample["pixels"]) == 2 and sample["history"]
+    batch = task.collate([sample], train=True)
+    text = task.tokenizer.decode(batch["input_ids"][0])
+    assert all(turn in text for pair in sample["history"] for turn in pair) and sample["question"] in text
+    image = task.chat.processor.tokenizer.convert_tokens_to_ids(str(task.chat.processor.image_token))
+    if family == "qwen2_vl":
+        assert "pixel_values_videos" in batch and not (batch["input_ids"] == image).any()
+    else:
+        assert len(batch["pixel_values"]) == 2 and text.count("<image>\n") == 2
+    train.main([*args, "--output-dir", str(tmp_path / "run")])
+    assert len(losses(tmp_path / "run")) == 2 and (tmp_path / "run" / "results" / "val_step2.json").is_file()
+
+
+def test_export_loads_with_plain_transformers_and_generates_the_runs_text(roots, checkpoint, tmp_path):
+    """LLaVA fine-tuned with LoRA, exported: plain AutoModelForImageTextToText and AutoProcessor load it (LoRA merged
+    into its weights), and beam search from the processor's own chat template on the val images gives the captions
+    the run's final evaluation wrote."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    args = argv("captioning", roots, checkpoint, "llava", "--max-steps", 2, "--model.lora-r", 4)
+    run, out = tmp_path / "run", tmp_path / "export"
+    train.main([*args, "--output-dir", str(run)])
+    train.main(
+        [*args, "--output-dir", str(tmp_path / "unused"), "--resume", str(run / "ckpt_last.pt"), "--export", str(out)]
+    )
+    model, processor = AutoModelForImageTextToText.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+    assert not any("lora" in name for name in model.state_dict())
+    results = json.loads((run / "results" / "val_step2.json").read_text())
+    samples = {s["id"]: s for s in data.load_captions(roots["captioning"] / "annotations" / "val.json", train=False)}
+    images = [[data.read_image(roots["captioning"] / "images" / samples[r["id"]]["image"])] for r in results]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": tasks.CaptioningTask.PROMPT}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(
+        text=[prompt] * len(images), images=images, padding=True, padding_side="left", return_tensors="pt"
+    )
+    out = model.generate(**inputs, num_beams=2, max_new_tokens=5, do_sample=False)
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert [t.strip() for t in texts] == [r["prediction"] for r in results] and len(texts) == 4
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_train_as_one_process(roots, checkpoint, tmp_path):
+    """torchrun with 2 ranks x batch 2 gives the losses of 1 process x batch 4: LLaVA with its tower fine-tuned
+    (the layer LLaVA does not read left out of training: DDP would wait for its gradients) and augmentation on."""
+    common = argv("captioning", roots, checkpoint, "llava", "--max-steps", 3, "--model.no-freeze-vision")
+    train_ok([*common, "--batch-size", "2", "--output-dir", tmp_path / "ddp"], nproc=2)
+    train.main([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
+    ddp, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert ddp.keys() == one.keys() and max(abs(ddp[s] - one[s]) for s in ddp) < 1e-5, (ddp, one)
