@@ -443,11 +443,16 @@ def test_export_loads_with_plain_transformers_and_generates_the_runs_text(roots,
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_train_as_one_process(roots, checkpoint, tmp_path):
-    """torchrun with 2 ranks x batch 2 gives the losses of 1 process x batch 4: LLaVA with its tower fine-tuned
-    (the layer LLaVA does not read left out of training: DDP would wait for its gradients) and augmentation on."""
+def test_ddp_and_fsdp_ranks_train_as_one_process(roots, checkpoint, tmp_path):
+    """torchrun with 2 ranks x batch 2, under DDP and under --fsdp (the tower's and the LM's layers sharded), gives
+    the losses of 1 process x batch 4: LLaVA with its tower fine-tuned (the layer LLaVA does not read left out of
+    training: DDP would wait for its gradients) and augmentation on."""
     common = argv("captioning", roots, checkpoint, "llava", "--max-steps", 3, "--model.no-freeze-vision")
-    train_ok([*common, "--batch-size", "2", "--output-dir", tmp_path / "ddp"], nproc=2)
     train.main([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one")])
-    ddp, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
-    assert ddp.keys() == one.keys() and max(abs(ddp[s] - one[s]) for s in ddp) < 1e-5, (ddp, one)
+    one = losses(tmp_path / "one")
+    for flags in ([], ["--fsdp"]):
+        out = tmp_path / ("fsdp" if flags else "ddp")
+        train_ok([*common, *flags, "--batch-size", "2", "--output-dir", out], nproc=2)
+        ranks = losses(out)
+        assert ranks.keys() == one.keys() and max(abs(ranks[s] - one[s]) for s in one) < 1e-5, (flags, ranks, one)
+    assert (tmp_path / "fsdp" / "ckpt_last.dcp").is_dir()
