@@ -723,6 +723,8 @@ class ChatFormat:
         batch.pop("labels", None)  # PaliGemma's own: ours are checked
         if train:
             batch["labels"] = self.labels(batch, [self.answer_ids(c.answer) for c in conversations])
+            labelled = batch["labels"] != -100  # the positions from the first label on (a number, kept on the host)
+            batch["answer_span"] = labelled.shape[1] - int(labelled.int().argmax(1).min())
         return batch
 
     def labels(self, batch: dict, answers: list[list[int]]) -> torch.Tensor:
@@ -794,6 +796,7 @@ class VLM(nn.Module):
         for p in model.parameters():
             p.requires_grad_(p.requires_grad and id(p) not in unused)
         self.model, self.frozen_vision = model, cfg.freeze_vision
+        self.keeps_logits = "logits_to_keep" in inspect.signature(type(self.hf()).forward).parameters
 
     def hf(self):
         """The transformers model (under LoRA, inside peft's wrapper)."""
@@ -809,13 +812,17 @@ class VLM(nn.Module):
             self.parts()["vision"].eval()
         return self
 
-    def run(self, batch: dict):
-        return self.model(**{k: v for k, v in batch.items() if torch.is_tensor(v) and k != "labels"})
+    def run(self, batch: dict, **kwargs):
+        return self.model(**{k: v for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}, **kwargs)
 
     def token_losses(self, batch: dict) -> torch.Tensor:
-        """(B, L-1) negative log-likelihood of each labelled next token; 0 elsewhere."""
-        logits = self.run(batch).logits[:, :-1].float()
-        return nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+        """(B, K) negative log-likelihood of each labelled token, 0 elsewhere, over the last K positions (ChatFormat's
+        `answer_span`: no label before them). The logits of the prompt before them are not computed, where the model
+        can leave them out (all but BLIP-2): at a 150k vocabulary they are most of a step's activation memory."""
+        keep = batch["answer_span"]
+        logits = self.run(batch, **{"logits_to_keep": keep + 1} if self.keeps_logits else {}).logits
+        logits = logits[:, -keep - 1 : -1].float()
+        return nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, -keep:], reduction="none")
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.token_losses(batch).sum(), (batch["labels"][:, 1:] != -100).sum()

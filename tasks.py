@@ -759,7 +759,8 @@ class VQATask(LMTask):
         for pairs in torch.arange(len(scores)).split(self.cfg.rank_batch_size):
             pairs_of = [(questions[p // shortlist.shape[1]], shortlist.flatten()[p]) for p in pairs.tolist()]
             scored = self.chat([dataclasses.replace(q, answer=self.candidates[a]) for q, a in pairs_of], train=True)
-            scores[pairs] = model.log_likelihood({k: v.to(device) for k, v in scored.items()}).float().cpu()
+            scored = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scored.items()}
+            scores[pairs] = model.log_likelihood(scored).float().cpu()
         best = shortlist.gather(1, scores.view(shortlist.shape).argmax(1, keepdim=True))
         return [self.candidates[i] for i in best.flatten().tolist()]
 
