@@ -707,12 +707,25 @@ class ChatFormat:
         """What follows the prompt when `text` is the reply: as the template writes it, closed by the end of turn."""
         return self.lead + text + self.end
 
-    def answer_ids(self, text: str) -> list[int]:
-        return self.tokenizer(self.answer(text), add_special_tokens=False)["input_ids"]
+    def answer_ids(self, prompt: str, text: str) -> list[int]:
+        """The tokens `answer(text)` adds after `prompt`, tokenized after it (a sentencepiece tokenizer writes a text's
+        first word otherwise); PaliGemma's processor tokenizes its suffix alone."""
+
+        def ids(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        before, whole = [] if self.suffix else ids(prompt), ids(("" if self.suffix else prompt) + self.answer(text))
+        if whole[: len(before)] != before:
+            raise InputError(
+                f"{self.tokenizer.name_or_path}: an answer merges with the prompt's last token: {prompt!r}"
+            )
+        return whole[len(before) :]
 
     def __call__(self, conversations: list[Conversation], train: bool) -> dict[str, torch.Tensor]:
         suffix = train and self.suffix
-        texts = [self.prompt(c) + (self.answer(c.answer) if train and not suffix else "") for c in conversations]
+        prompts = [self.prompt(c) for c in conversations]
+        replies = [self.answer(c.answer) if train and not suffix else "" for c in conversations]
+        texts = [p + reply for p, reply in zip(prompts, replies, strict=True)]
         video = conversations[0].video and self.video
         media = {"videos" if video else "images": [c.images for c in conversations]}
         media |= {"suffix": [c.answer for c in conversations]} if suffix else {}
@@ -722,7 +735,8 @@ class ChatFormat:
         batch = dict(self.processor(text=texts, **media, **side))
         batch.pop("labels", None)  # PaliGemma's own: ours are checked
         if train:
-            batch["labels"] = self.labels(batch, [self.answer_ids(c.answer) for c in conversations])
+            answers = [self.answer_ids(p, c.answer) for p, c in zip(prompts, conversations, strict=True)]
+            batch["labels"] = self.labels(batch, answers)
             labelled = batch["labels"] != -100  # the positions from the first label on (a number, kept on the host)
             batch["answer_span"] = labelled.shape[1] - int(labelled.int().argmax(1).min())
         return batch

@@ -752,7 +752,8 @@ class VQATask(LMTask):
         questions, n_candidates = batch["conversations"], len(self.candidates)
         shortlist = torch.arange(n_candidates).expand(len(questions), -1)
         if 0 < self.cfg.num_ans_candidates < n_candidates:
-            first = torch.tensor([self.chat.answer_ids(a)[0] for a in self.candidates])
+            prompt = self.chat.prompt(questions[0])  # how an answer starts after the generation prompt
+            first = torch.tensor([self.chat.answer_ids(prompt, a)[0] for a in self.candidates])
             first_token = model.next_token_logits(batch).cpu().log_softmax(-1)[:, first]
             shortlist = first_token.topk(self.cfg.num_ans_candidates, dim=1).indices
         scores = torch.empty(shortlist.numel())

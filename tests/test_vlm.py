@@ -56,11 +56,22 @@ VISION = dict(**WIDTH, image_size=32, patch_size=8)
 
 
 def tokenizer(texts: list[str], specials: list[str], bos: str | None, eos: str, pad: str, prepend_bos: bool):
-    """A BPE trained on the task texts, with the family's special tokens; `prepend_bos`: encoding adds bos (Llama)."""
-    from tokenizers import processors
+    """A BPE trained on the task texts, with the family's special tokens. `prepend_bos`: Llama's, sentencepiece-style
+    (words start with ▁, one is prepended to a text: a word is written otherwise at the start of a text), its encoding
+    adding bos; else byte-level."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
 
     tok = models.train_tokenizer(texts, 500, specials)
     if prepend_bos:
+        spm = Tokenizer(BPE(unk_token=specials[0]))
+        spm.pre_tokenizer, spm.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = ["\n", *map(chr, range(33, 127))]
+        spm.train_from_iterator(
+            texts, trainers.BpeTrainer(vocab_size=500, special_tokens=specials, initial_alphabet=alphabet)
+        )
+        tok = PreTrainedTokenizerFast(tokenizer_object=spm)
         tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))]
         )
@@ -243,7 +254,7 @@ def test_labels_cover_the_answer_and_end_of_turn_only(roots, checkpoint, family,
     image = task.chat.processor.tokenizer.convert_tokens_to_ids(str(task.chat.processor.image_token))
     for row, sample in enumerate(samples):
         labelled = batch["labels"][row] != -100
-        assert decode(batch["input_ids"][row][labelled]) == lead + sample["caption"] + end
+        assert decode(batch["input_ids"][row][labelled]).strip() == (lead + sample["caption"] + end).strip()
         real = batch["attention_mask"][row].bool()
         assert not (labelled & ~real).any() and not (labelled & (batch["input_ids"][row] == image)).any()
         assert (batch["input_ids"][row] == image).sum() > 0  # the processor expanded the image tokens
@@ -413,7 +424,7 @@ def test_video_dialogue_takes_the_frames_natively_or_as_images(roots, checkpoint
     if family == "qwen2_vl":
         assert "pixel_values_videos" in batch and not (batch["input_ids"] == image).any()
     else:
-        assert len(batch["pixel_values"]) == 2 and text.count("<image>\n") == 2
+        assert len(batch["pixel_values"]) == 2 and (batch["input_ids"] == image).sum() == 2 * 16  # 16 per image
     train.main([*args, "--output-dir", str(tmp_path / "run")])
     assert len(losses(tmp_path / "run")) == 2 and (tmp_path / "run" / "results" / "val_step2.json").is_file()
 
@@ -463,9 +474,10 @@ def test_ddp_and_fsdp_ranks_train_as_one_process(roots, checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_the_tiny_llava_learns_from_pixels_and_swapping_images_hurts(tmp_path, monkeypatch):
-    """The embedded captioning images (all of them) through the tiny LLaVA, its random CLIP tower frozen: after 200
-    steps (10 epochs) val CIDEr is far above that of the same checkpoint with every image swapped for another
-    (measured 1.92 / 0.78). Java off: the Python tokenizer path; the test split left out."""
+    """The embedded captioning images (all of them) through the tiny LLaVA, its random CLIP tower frozen: after 300
+    steps (15 epochs) val CIDEr is far above that of the same checkpoint with every image swapped for another
+    (measured 1.65 / 0.42; seeds 1 and 2 gave 1.46 / 0.34 and 1.38 / 0.71). Java off: the Python tokenizer path;
+    the test split left out."""
     monkeypatch.setattr(shutil, "which", lambda name: None)
     root = tmp_path / "data"
     embedded.make_embedded_captions(root, pixels=True)
@@ -475,7 +487,7 @@ def test_the_tiny_llava_learns_from_pixels_and_swapping_images_hurts(tmp_path, m
     common = ["captioning", "--data.root", str(root), "--model.name", str(llava), "--num-beams", "3"]
     common += ["--data.num-workers", "1", "--lr", "3e-3"]
     run, swapped_dir = tmp_path / "run", tmp_path / "swapped"
-    train.main([*common, "--max-steps", "200", "--warmup-steps", "10", "--output-dir", str(run)])
+    train.main([*common, "--max-steps", "300", "--max-epochs", "15", "--warmup-steps", "10", "--output-dir", str(run)])
     after = [m["val/CIDEr"] for m in read_metrics(run) if "val/CIDEr" in m][-1]
     train.main([*common, "--evaluate", "--resume", str(run / "ckpt_best.pt"), "--data.shuffle-features",
                 "--output-dir", str(swapped_dir)])  # fmt: skip
