@@ -25,9 +25,11 @@ from data import InputError
 class ModelConfig:
     name: str | None = None
     """Pretrained model and its tokenizer: a hub name or a local directory saved with save_pretrained. Generative
-    tasks: any causal LM (GPT-2, OPT, Llama, Qwen2, Mistral, Phi, SmolLM); retrieval and classification: a text
-    encoder (BERT, RoBERTa, DistilBERT, MiniLM; CLIP's text tower for retrieval). Unset: a small model built from the
-    fields below and a tokenizer trained on the training split, so nothing is downloaded."""
+    tasks: any causal LM (GPT-2, OPT, Llama, Qwen2, Mistral, Phi, SmolLM), or a pretrained vision-language model
+    with its processor (AutoModelForImageTextToText: LLaVA, SmolVLM/Idefics3, Qwen2-VL, PaliGemma, BLIP-2), which reads
+    the images or video frames itself; retrieval and classification: a text encoder (BERT, RoBERTa, DistilBERT,
+    MiniLM; CLIP's text tower for retrieval). Unset: a small model built from the fields below and a tokenizer trained
+    on the training split, so nothing is downloaded."""
     n_layer: int = 2
     """Layers of the small model (not with --model.name)."""
     n_head: int = 4
@@ -72,8 +74,9 @@ class ModelConfig:
     hub name or local directory; `small`: a random SigLIP-style tower (--model.vision-size, -width, -layers), no
     download. Images: ROOT/images/{entry's "image"}; videos: ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
     freeze_vision: bool = True
-    """Frozen tower (as BLIP-2): eval mode, no gradients, bf16 on GPU, not in the optimizer; checkpoints hold its
-    digest, not its weights (README: lean checkpoints). --model.no-freeze-vision fine-tunes it at --model.vision-lr."""
+    """Frozen tower (as BLIP-2; a pretrained VLM's own too): eval mode, no gradients, bf16 on GPU, not in the
+    optimizer; checkpoints hold its digest, not its weights (README: lean checkpoints). --model.no-freeze-vision
+    fine-tunes it at --model.vision-lr."""
     vision_lr: float | None = None
     """Peak learning rate of the tower when fine-tuned; unset: --lr."""
     vision_tokens: int = 0

@@ -98,7 +98,8 @@ class TaskConfig:
     """Only evaluate (val and test splits) the checkpoint given by --resume."""
     export: Path | None = None
     """Generative tasks: write the checkpoint given by --resume to this directory as plain transformers loads it
-    (the LM with LoRA merged, its tokenizer) plus visual_prefix.pt (see models.load_visual_prefix), then stop."""
+    (the LM with LoRA merged, its tokenizer) plus visual_prefix.pt (see models.load_visual_prefix), then stop. A
+    pretrained VLM (--model.name): the whole model, LoRA merged, and its processor (AutoModelForImageTextToText)."""
     cache_features: str | None = None
     """Instead of training: run the frozen --model.vision tower once over every image or video of every split and
     write ROOT/features/NAME/{id}.npy, (frames x tokens, width). Resumable (files already written are kept), shared

@@ -430,12 +430,13 @@ def test_video_dialogue_takes_the_frames_natively_or_as_images(roots, checkpoint
 
 
 def test_export_loads_with_plain_transformers_and_generates_the_runs_text(roots, checkpoint, tmp_path):
-    """LLaVA fine-tuned with LoRA, exported: plain AutoModelForImageTextToText and AutoProcessor load it (LoRA merged
-    into its weights), and beam search from the processor's own chat template on the val images gives the captions
-    the run's final evaluation wrote."""
+    """LLaVA fine-tuned with LoRA (and gradient checkpointing), exported: plain AutoModelForImageTextToText and
+    AutoProcessor load it (LoRA merged into its weights), and beam search from the processor's own chat template on
+    the val images gives the captions the run's final evaluation wrote."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     args = argv("captioning", roots, checkpoint, "llava", "--max-steps", 2, "--model.lora-r", 4)
+    args += ["--model.grad-checkpointing"]
     run, out = tmp_path / "run", tmp_path / "export"
     train.main([*args, "--output-dir", str(run)])
     train.main(
