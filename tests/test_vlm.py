@@ -495,3 +495,21 @@ def test_the_tiny_llava_learns_from_pixels_and_swapping_images_hurts(tmp_path, m
     swapped = [m["val/CIDEr"] for m in read_metrics(swapped_dir) if "val/CIDEr" in m][-1]
     print(f"LLaVA CIDEr from pixels {after:.3f}, images swapped {swapped:.3f}")
     assert after > 1.2 and swapped < after / 2, (after, swapped)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fsdp_shards_the_towers_and_the_lms_layers(roots, checkpoint, family, tmp_path):
+    """--fsdp makes every layer of the vision tower and of the LM a unit of its own (one rank here)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    model = build(argv("captioning", roots, checkpoint, family), tmp_path)[2]
+    lm, vision = (model.parts()[k] for k in ("lm", "vision"))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        train.shard_model(model, bf16=False)
+    finally:
+        torch.distributed.destroy_process_group()
+    for part in (lm, vision):
+        lists = (m for m in part.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 2)
+        layers = next(m for m in lists if type(m[0]) is type(m[1]))  # its 2 layers
+        assert all(isinstance(layer, FSDPModule) for layer in layers), (family, type(layers[0]).__name__)
