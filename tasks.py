@@ -227,8 +227,7 @@ class BaseTask:
         statistics unless --model.no-feature-norm), or with --model.vision its images or videos through the tower
         (models.VisionTower: its tokens as they are, extra feature streams such as VGGish standardised)."""
         if self.cfg.model.vision is None:
-            why = "there is no vision tower (--model.vision)"
-            models.refuse_set(self.cfg.model, {why: models.VISION[:2]}, "--model.")
+            refuse(self.cfg.model, "there is no vision tower (--model.vision)", models.VISION[:2])
             stats = train_set.feature_stats() if self.cfg.model.feature_norm else None
             return models.FeatureInput(train_set.features.dim, stats)
         extra = train_set.features.dim if train_set.features is not None else 0
@@ -286,6 +285,14 @@ class BaseTask:
         raise InputError(f"--export: {type(self).__name__}'s model has no export; the generative tasks' models do")
 
 
+def refuse(cfg: ModelConfig, why: str, fields: tuple[str, ...]) -> None:
+    """models.refuse_set where the model is built: a flag given where it does not apply is one error line."""
+    try:
+        models.refuse_set(cfg, {why: fields}, "--model.")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def gather_results(results: list[dict]) -> list[dict]:
     """Every rank's results on every rank, de-duplicated by `id` and sorted by it."""
     if dist.is_initialized():
@@ -329,8 +336,7 @@ class LMTask(BaseTask):
         if models.vlm_config(self.cfg.model.name) is None:
             return False
         why = f"--model.name {self.cfg.model.name} is a vision-language model (its own vision side and chat template)"
-        fields = ("vision", "projector", "video_loss_weight", "chat_template", "feature_norm")
-        models.refuse_set(self.cfg.model, {why: fields}, "--model.")
+        refuse(self.cfg.model, why, ("vision", "projector", "video_loss_weight", "chat_template", "feature_norm"))
         if self.cfg.data.features or getattr(self.cfg, "features", None):
             raise InputError(f"{why}: it reads images or video frames, not features")
         return True

@@ -513,3 +513,28 @@ def test_fsdp_shards_the_towers_and_the_lms_layers(roots, checkpoint, family, tm
         lists = (m for m in part.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 2)
         layers = next(m for m in lists if type(m[0]) is type(m[1]))  # its 2 layers
         assert all(isinstance(layer, FSDPModule) for layer in layers), (family, type(layers[0]).__name__)
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--model.vision", "small"], "--model.vision does not apply: --model.name"),
+        (["--model.projector", "mlp"], "--model.projector does not apply: --model.name"),
+        (["--model.chat-template"], "--model.chat-template does not apply: --model.name"),
+        (["--data.features", "cached"], "it reads images or video frames, not features"),
+        (["--causal-lm", "--model.no-freeze-vision"], "--model.freeze-vision does not apply: there is no vision tower"),
+    ],
+)
+def test_flags_that_do_not_apply_are_one_error_line(roots, checkpoint, tmp_path, capsys, flags, says):
+    """A VLM has its own tower, projector and chat template; a causal LM has no tower to freeze or not."""
+    from helpers import save_lm_family
+
+    data = ["--data.root", str(roots["captioning"])]
+    name = checkpoint("llava")
+    if flags[0] == "--causal-lm":  # on the embedded features
+        data, name, flags = [], save_lm_family("gpt2", tmp_path / "gpt2"), flags[1:]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        train.run(["captioning", *data, "--model.name", str(name), *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1 and says in lines[0], lines
