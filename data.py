@@ -188,15 +188,18 @@ class Pixels:
     (frames_on_screen)."""
 
     def __init__(self, processor, num_frames: int):
-        self.processor, self.num_frames = processor, num_frames
+        self.processor, self.num_frames, self.size = processor, num_frames, None
+        if processor is None:  # a pretrained VLM: its own processor takes the images (models.ChatFormat)
+            return
         size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
         self.size = (size.get("height"), size.get("width"))
         if None in self.size:
             raise InputError(f"image processor {type(processor).__name__} gives no fixed size (height, width)")
 
     def __call__(self, path: Path, rng: np.random.Generator | None, check: bool = False) -> torch.Tensor | None:
-        """(F, 3, H, W) float32; `rng` None: the evaluation transform. `check`: only what is cheap, before training:
-        the file exists, its header (image) or its container and video stream (video) can be read."""
+        """(F, 3, H, W) float32 (no processor: the F images, cropped at their own size); `rng` None: the evaluation
+        transform. `check`: only what is cheap, before training: the file exists, its header (image) or its container
+        and video stream (video) can be read."""
         from PIL import Image
 
         if not path.is_file():
@@ -206,8 +209,11 @@ class Pixels:
             return None
         if rng is not None:
             box, flip = crop_box(images[0].size, rng), rng.random() < 0.5
-            images = [image.resize(self.size[::-1], Image.Resampling.BICUBIC, box=box) for image in images]
+            size = self.size[::-1] if self.size else images[0].size
+            images = [image.resize(size, Image.Resampling.BICUBIC, box=box) for image in images]
             images = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images] if flip else images
+        if self.processor is None:
+            return images
         return torch.from_numpy(self.processor(images=images, return_tensors="np")["pixel_values"])
 
     def read_video(self, path: Path, rng: np.random.Generator | None, check: bool = False) -> list:

@@ -7,10 +7,11 @@ tokenizer trained on the training text, so the default runs with no download; se
 
 import contextlib
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal, TypedDict
 
@@ -25,9 +26,11 @@ from data import InputError
 class ModelConfig:
     name: str | None = None
     """Pretrained model and its tokenizer: a hub name or a local directory saved with save_pretrained. Generative
-    tasks: any causal LM (GPT-2, OPT, Llama, Qwen2, Mistral, Phi, SmolLM); retrieval and classification: a text
-    encoder (BERT, RoBERTa, DistilBERT, MiniLM; CLIP's text tower for retrieval). Unset: a small model built from the
-    fields below and a tokenizer trained on the training split, so nothing is downloaded."""
+    tasks: any causal LM (GPT-2, OPT, Llama, Qwen2, Mistral, Phi, SmolLM), or a pretrained vision-language model
+    with its processor (AutoModelForImageTextToText: LLaVA, SmolVLM/Idefics3, Qwen2-VL, PaliGemma, BLIP-2), which reads
+    the images or video frames itself; retrieval and classification: a text encoder (BERT, RoBERTa, DistilBERT,
+    MiniLM; CLIP's text tower for retrieval). Unset: a small model built from the fields below and a tokenizer trained
+    on the training split, so nothing is downloaded."""
     n_layer: int = 2
     """Layers of the small model (not with --model.name)."""
     n_head: int = 4
@@ -72,8 +75,9 @@ class ModelConfig:
     hub name or local directory; `small`: a random SigLIP-style tower (--model.vision-size, -width, -layers), no
     download. Images: ROOT/images/{entry's "image"}; videos: ROOT/videos/{image_id}.{mp4,webm,avi,mkv}."""
     freeze_vision: bool = True
-    """Frozen tower (as BLIP-2): eval mode, no gradients, bf16 on GPU, not in the optimizer; checkpoints hold its
-    digest, not its weights (README: lean checkpoints). --model.no-freeze-vision fine-tunes it at --model.vision-lr."""
+    """Frozen tower (as BLIP-2; a pretrained VLM's own too): eval mode, no gradients, bf16 on GPU, not in the
+    optimizer; checkpoints hold its digest, not its weights (README: lean checkpoints). --model.no-freeze-vision
+    fine-tunes it at --model.vision-lr."""
     vision_lr: float | None = None
     """Peak learning rate of the tower when fine-tuned; unset: --lr."""
     vision_tokens: int = 0
@@ -105,7 +109,8 @@ class ModelConfig:
         unused = {
             "the pretrained model has its own (--model.name)": SMALL_MODEL if self.name else (),
             "LoRA is off (--model.lora-r 0)": () if self.lora_r else ("lora_alpha", "lora_dropout", "lora_targets"),
-            "there is no vision tower (--model.vision)": VISION if self.vision is None else (),
+            # a pretrained VLM (--model.name) has a tower of its own: the task refuses these where --model.name has none
+            "there is no vision tower (--model.vision)": VISION[2 if self.name else 0 :] if self.vision is None else (),
             "the tower is frozen (--model.freeze-vision)": ("vision_lr",) if self.freeze_vision else (),
             "--model.vision is not small": VISION[-3:] if self.vision not in (None, "small") else (),
         }
@@ -777,6 +782,265 @@ def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
     if unexpected or not all(k.startswith(("lm.", "vision.tower.")) for k in missing):
         raise ValueError(f"{directory}/visual_prefix.pt does not fit: missing {missing}, unexpected {unexpected}")
     return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A pretrained vision-language model (AutoModelForImageTextToText: LLaVA, Idefics3/SmolVLM, Qwen2-VL, PaliGemma,
+# BLIP-2) with its processor: the task hands over a Conversation, the model's side writes it
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What a generative task asks of a pretrained VLM about one sample, in words: its images (PIL; a video's frames,
+    `video`), the turns (user, assistant, ..., user: the question last) and the answer to learn (None: to generate).
+    How it is written (chat template, image tokens, end of turn) is ChatFormat's business."""
+
+    images: list
+    turns: list[str]
+    answer: str | None = None
+    video: bool = False
+
+
+@cache
+def vlm_config(name: str | None):
+    """The config of `name` when it is a pretrained vision-language model (a model_type AutoModelForImageTextToText
+    builds), else None (no name, a causal LM, or nothing loadable: the LM path reports that). A multimodal config of
+    another kind (a vision_config: CLIP, SigLIP) is one LoadError line: no generative task can serve it."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VLMS
+
+    try:
+        config = pretrained(AutoConfig.from_pretrained, name, "model config") if name else None
+    except LoadError:
+        return None
+    if config is not None and config.model_type in VLMS:
+        return config
+    if hasattr(config, "vision_config"):
+        kind = "an image-text-to-text model (AutoModelForImageTextToText)"
+        raise LoadError("name", name, f"{config.model_type} is neither a causal LM nor {kind}")
+    return None
+
+
+class ChatFormat:
+    """How a pretrained VLM writes a Conversation, read off its processor. With a chat template: the turns as its user
+    and assistant messages, the images (or the video, where the processor has a video processor) in the first one,
+    then the template's generation prompt; the answer follows as the template writes a reply, closed by its end-of-turn
+    token (the first special token after a reply; eos where the template closes a turn with none, as LLaVA-1.5's).
+    Without one: the turns on lines of their own, then the answer and eos (BLIP-2: after a space; PaliGemma: as the
+    suffix its processor takes, which marks it in token_type_ids). The processor expands the image tokens. Training
+    batches are right-padded with labels on the answer and its end-of-turn token only (checked: the tokens of prompt +
+    answer must end with the answer's own); generation batches are the prompts, left-padded."""
+
+    def __init__(self, processor):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.chat = bool(getattr(processor, "chat_template", None))
+        self.video = getattr(processor, "video_processor", None) is not None
+        self.suffix = "suffix" in inspect.signature(processor.__call__).parameters
+        self.lead, close = "" if self.suffix else " ", ""
+        if self.chat:
+            turn = Conversation([], ["PROMPT_7f3a"])
+            prompt, full = self.prompt(turn), self.render(turn, "REPLY_7f3a")
+            if not full.startswith(prompt) or "REPLY_7f3a" not in full:
+                raise InputError(f"the chat template of {self.tokenizer.name_or_path} does not continue its prompt")
+            self.lead, close = full[len(prompt) :].split("REPLY_7f3a")
+        special = {i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special}
+        ids = self.tokenizer(close, add_special_tokens=False)["input_ids"]
+        self.end_id = next((i for i in ids if i in special), self.tokenizer.eos_token_id)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+        self.end = self.tokenizer.convert_ids_to_tokens(self.end_id)
+
+    def render(self, conversation: Conversation, reply: str | None = None) -> str:
+        video = conversation.video and self.video
+        media = [{"type": "video"}] if video else [{"type": "image"}] * len(conversation.images)
+        turns = [*conversation.turns, *([reply] if reply is not None else [])]
+        messages = []
+        for i, text in enumerate(turns):
+            content = [*(media if i == 0 else []), {"type": "text", "text": text}]
+            messages.append({"role": "assistant" if i % 2 else "user", "content": content})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=reply is None, tokenize=False)
+
+    def prompt(self, conversation: Conversation) -> str:
+        return self.render(conversation) if self.chat else "\n".join(conversation.turns)
+
+    def answer(self, text: str) -> str:
+        """What follows the prompt when `text` is the reply: as the template writes it, closed by the end of turn."""
+        return self.lead + text + self.end
+
+    def answer_ids(self, prompt: str, text: str) -> list[int]:
+        """The tokens `answer(text)` adds after `prompt`, tokenized after it (a sentencepiece tokenizer writes a text's
+        first word otherwise); PaliGemma's processor tokenizes its suffix alone."""
+
+        def ids(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        before, whole = [] if self.suffix else ids(prompt), ids(("" if self.suffix else prompt) + self.answer(text))
+        if whole[: len(before)] != before:
+            raise InputError(
+                f"{self.tokenizer.name_or_path}: an answer merges with the prompt's last token: {prompt!r}"
+            )
+        return whole[len(before) :]
+
+    def __call__(self, conversations: list[Conversation], train: bool) -> dict[str, torch.Tensor]:
+        suffix = train and self.suffix
+        prompts = [self.prompt(c) for c in conversations]
+        replies = [self.answer(c.answer) if train and not suffix else "" for c in conversations]
+        texts = [p + reply for p, reply in zip(prompts, replies, strict=True)]
+        video = conversations[0].video and self.video
+        media = {"videos" if video else "images": [c.images for c in conversations]}
+        media |= {"suffix": [c.answer for c in conversations]} if suffix else {}
+        bos = self.tokenizer.bos_token  # a template that writes it: the tokenizer must not add it again
+        side = dict(padding=True, padding_side="right" if train else "left", return_tensors="pt")
+        side["add_special_tokens"] = not (bos and texts[0].startswith(bos))
+        batch = dict(self.processor(text=texts, **media, **side))
+        batch.pop("labels", None)  # PaliGemma's own: ours are checked
+        if train:
+            answers = [self.answer_ids(p, c.answer) for p, c in zip(prompts, conversations, strict=True)]
+            batch["labels"] = self.labels(batch, answers)
+            labelled = batch["labels"] != -100  # the positions from the first label on (a number, kept on the host)
+            batch["answer_span"] = labelled.shape[1] - int(labelled.int().argmax(1).min())
+        return batch
+
+    def labels(self, batch: dict, answers: list[list[int]]) -> torch.Tensor:
+        """-100 but on each row's answer tokens: the last of its (right-padded) tokens."""
+        ids, labels = batch["input_ids"], torch.full_like(batch["input_ids"], -100)
+        for row, (answer, length) in enumerate(zip(answers, batch["attention_mask"].sum(1).tolist(), strict=True)):
+            if ids[row, length - len(answer) : length].tolist() != answer:
+                found = self.tokenizer.decode(ids[row, max(0, length - len(answer) - 3) : length])
+                raise InputError(f"{self.tokenizer.name_or_path}: the answer's tokens do not end its row: {found!r}")
+            labels[row, length - len(answer) : length] = ids[row, length - len(answer) : length]
+        return labels
+
+
+def vlm_parts(model) -> tuple[nn.Module, nn.Module]:
+    """(language model with its output head, vision tower) of a transformers VLM, found by the names the families give
+    them; what is neither is the projector (LLaVA's multi_modal_projector, Idefics3's connector, BLIP-2's Q-Former,
+    Qwen2-VL's merger, which sits inside its vision tower)."""
+    inner = getattr(model, "model", model)
+    lm = next(getattr(inner, n) for n in ("language_model", "text_model") if hasattr(inner, n))
+    vision = next(getattr(inner, n) for n in ("vision_tower", "vision_model", "visual") if hasattr(inner, n))
+    head = model.get_output_embeddings()
+    lm = nn.ModuleList([lm] + ([head] if all(head is not m for m in lm.modules()) else []))
+    if hasattr(vision, "merger"):
+        vision = nn.ModuleList([m for n, m in vision.named_children() if n != "merger"])
+    return lm, vision
+
+
+def unused_weights(model, processor, lm: nn.Module) -> set[int]:
+    """ids of the trained vision and projector weights the image features do not depend on (LLaVA's last vision
+    layer, BLIP-2's Q-Former text layers): a backward pass from one blank image's features. Trained, DDP would wait
+    for their gradients forever."""
+    from PIL import Image
+
+    inputs = processor.image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")
+    out = model.get_image_features(**inputs)
+    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    sum(f.float().sum() for f in (features if isinstance(features, (list, tuple)) else [features])).backward()
+    in_lm = {id(p) for p in lm.parameters()}
+    unused = {id(p) for p in model.parameters() if p.requires_grad and p.grad is None and id(p) not in in_lm}
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
+class VLM(nn.Module):
+    """A pretrained AutoModelForImageTextToText and its processor (ChatFormat) behind VisualPrefixLM's interface:
+    forward(batch) → (summed loss, count), generate, log_likelihood, parts. The vision tower is frozen by default
+    (--model.freeze-vision: eval mode, no gradients); --model.freeze-lm freezes the LM (output head included) and
+    --model.lora-r adapts only its linear layers; the projector trains at --lr."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+        processor = pretrained(AutoProcessor.from_pretrained, cfg.name, "processor")  # before the weights: cheaper
+        self.format = ChatFormat(processor)
+        model = load_weights(AutoModelForImageTextToText, cfg.name)
+        ids = dict(bos_token_id=self.format.tokenizer.bos_token_id, pad_token_id=self.format.pad_id)
+        model.generation_config = GenerationConfig(eos_token_id=self.format.end_id, **ids)  # no sampling defaults
+        if cfg.grad_checkpointing:
+            checkpoint_activations(model)
+        lm, vision = vlm_parts(model)
+        if cfg.lora_r:
+            model = lora_on(model, lm, cfg)
+        lm_ids, vision_ids = {id(p) for p in lm.parameters()}, {id(p) for p in vision.parameters()}
+        for name, p in model.named_parameters():
+            in_lm = ("lora_" in name) if cfg.lora_r else not cfg.freeze_lm
+            p.requires_grad_(not cfg.freeze_vision if id(p) in vision_ids else in_lm if id(p) in lm_ids else True)
+        unused = unused_weights(model, processor, lm)
+        for p in model.parameters():
+            p.requires_grad_(p.requires_grad and id(p) not in unused)
+        self.model, self.frozen_vision = model, cfg.freeze_vision
+        self.keeps_logits = "logits_to_keep" in inspect.signature(type(self.hf()).forward).parameters
+
+    def hf(self):
+        """The transformers model (under LoRA, inside peft's wrapper)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def parts(self) -> dict[str, nn.Module]:
+        lm, vision = vlm_parts(self.hf())
+        return {"lm": lm, "vision": vision}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_vision:
+            self.parts()["vision"].eval()
+        return self
+
+    def run(self, batch: dict, **kwargs):
+        return self.model(**{k: v for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}, **kwargs)
+
+    def token_losses(self, batch: dict) -> torch.Tensor:
+        """(B, K) negative log-likelihood of each labelled token, 0 elsewhere, over the last K positions (ChatFormat's
+        `answer_span`: no label before them). The logits of the prompt before them are not computed, where the model
+        can leave them out (all but BLIP-2): at a 150k vocabulary they are most of a step's activation memory."""
+        keep = batch["answer_span"]
+        logits = self.run(batch, **{"logits_to_keep": keep + 1} if self.keeps_logits else {}).logits
+        logits = logits[:, -keep - 1 : -1].float()
+        return nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, -keep:], reduction="none")
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.token_losses(batch).sum(), (batch["labels"][:, 1:] != -100).sum()
+
+    @torch.no_grad()
+    def log_likelihood(self, batch: dict) -> torch.Tensor:
+        """(B,) summed log-probability of each row's labelled tokens (ranking candidate answers)."""
+        return -self.token_losses(batch).sum(-1)
+
+    @torch.no_grad()
+    def next_token_logits(self, batch: dict) -> torch.Tensor:
+        """(B, V) after each left-padded prompt."""
+        return self.run(batch).logits[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, batch: dict, num_beams: int, max_len: int, min_len: int, eos_id: int, pad_id: int):
+        """Beam search with the model's own generate from left-padded prompts; the new token ids of each sample."""
+        inputs = {k: v for k, v in batch.items() if torch.is_tensor(v) and k != "labels"}
+        search = dict(num_beams=num_beams, max_new_tokens=max_len, min_new_tokens=min_len, do_sample=False)
+        out = self.model.generate(**inputs, **search, eos_token_id=eos_id, pad_token_id=pad_id)
+        rows = out[:, inputs["input_ids"].shape[1] :].tolist()
+        rows = [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+        return [[t for t in row if t != pad_id] for row in rows]
+
+
+def lora_on(model, lm: nn.Module, cfg: ModelConfig):
+    """peft LoRA on the linear layers of the language model only (--model.lora-targets: those of these names), never
+    its output head, the vision tower or the projector."""
+    from peft import LoraConfig, get_peft_model
+
+    head = model.get_output_embeddings()
+    inside = {id(m) for m in lm.modules() if isinstance(m, nn.Linear) and m is not head}
+    names = [n for n, m in model.named_modules() if id(m) in inside]
+    names = [n for n in names if not cfg.lora_targets or n.rpartition(".")[2] in cfg.lora_targets]
+    if not names:
+        raise InputError(f"--model.lora-targets {' '.join(cfg.lora_targets)}: no such linear layer in the LM")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=names)
+    return get_peft_model(model, lora)
+
+
+def save_vlm(model: VLM, directory: Path) -> None:
+    """The VLM as plain AutoModelForImageTextToText and AutoProcessor load it: LoRA merged, beside its processor."""
+    hf = model.model.merge_and_unload() if hasattr(model.model, "merge_and_unload") else model.model
+    hf.save_pretrained(directory)
+    model.format.processor.save_pretrained(directory)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ class TaskConfig:
     """Only evaluate (val and test splits) the checkpoint given by --resume."""
     export: Path | None = None
     """Generative tasks: write the checkpoint given by --resume to this directory as plain transformers loads it
-    (the LM with LoRA merged, its tokenizer) plus visual_prefix.pt (see models.load_visual_prefix), then stop."""
+    (the LM with LoRA merged, its tokenizer) plus visual_prefix.pt (see models.load_visual_prefix), then stop. A
+    pretrained VLM (--model.name): the whole model, LoRA merged, and its processor (AutoModelForImageTextToText)."""
     cache_features: str | None = None
     """Instead of training: run the frozen --model.vision tower once over every image or video of every split and
     write ROOT/features/NAME/{id}.npy, (frames x tokens, width). Resumable (files already written are kept), shared
@@ -226,6 +227,7 @@ class BaseTask:
         statistics unless --model.no-feature-norm), or with --model.vision its images or videos through the tower
         (models.VisionTower: its tokens as they are, extra feature streams such as VGGish standardised)."""
         if self.cfg.model.vision is None:
+            refuse(self.cfg.model, "there is no vision tower (--model.vision)", models.VISION[:2])
             stats = train_set.feature_stats() if self.cfg.model.feature_norm else None
             return models.FeatureInput(train_set.features.dim, stats)
         extra = train_set.features.dim if train_set.features is not None else 0
@@ -283,6 +285,14 @@ class BaseTask:
         raise InputError(f"--export: {type(self).__name__}'s model has no export; the generative tasks' models do")
 
 
+def refuse(cfg: ModelConfig, why: str, fields: tuple[str, ...]) -> None:
+    """models.refuse_set where the model is built: a flag given where it does not apply is one error line."""
+    try:
+        models.refuse_set(cfg, {why: fields}, "--model.")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 def gather_results(results: list[dict]) -> list[dict]:
     """Every rank's results on every rank, de-duplicated by `id` and sorted by it."""
     if dist.is_initialized():
@@ -321,8 +331,40 @@ class LMTask(BaseTask):
     def training_texts(self, train_set: Dataset) -> list[str]:
         raise NotImplementedError
 
+    SCORED: typing.ClassVar[dict[str, str]] = {"references": "references"}
+    """What evaluation scores a prediction against: batch key → sample key (eval batches of a VLM carry them)."""
+
+    @functools.cached_property
+    def vlm(self) -> bool:
+        """--model.name is a pretrained vision-language model (models.vlm_config): its own vision side reads the
+        images or frames, and its processor writes the batches (`conversation`, models.ChatFormat)."""
+        if models.vlm_config(self.cfg.model.name) is None:
+            return False
+        why = f"--model.name {self.cfg.model.name} is a vision-language model (its own vision side and chat template)"
+        refuse(self.cfg.model, why, ("vision", "projector", "video_loss_weight", "chat_template", "feature_norm"))
+        if self.cfg.data.features or getattr(self.cfg, "features", None):
+            raise InputError(f"{why}: it reads images or video frames, not features")
+        return True
+
+    def conversation(self, sample: dict, train: bool) -> models.Conversation:
+        """What a pretrained VLM is asked about `sample` (its images, the turns, the answer to learn in training)."""
+        raise NotImplementedError
+
+    def vlm_batch(self, samples: list[dict], train: bool) -> dict:
+        conversations = [self.conversation(s, train) for s in samples]
+        batch = {**self.chat(conversations, train), "ids": [s["id"] for s in samples]}
+        if not train:
+            batch |= {k: [s[key] for s in samples] for k, key in self.SCORED.items() if key in samples[0]}
+            batch["conversations"] = conversations
+        return batch
+
     def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
         cfg = self.cfg.model
+        if self.vlm:
+            model = models.VLM(cfg)
+            self.chat, self.tokenizer = model.format, model.format.tokenizer
+            self.token = {"<eos>": model.format.end_id, "<pad>": model.format.pad_id}
+            return model
         specials = {"eos_token": "<eos>", "pad_token": "<pad>", "additional_special_tokens": list(self.MARKERS)}
         texts = functools.partial(self.training_texts, train_set)
         self.tokenizer = tok = models.build_tokenizer(cfg, tokenizer_dir, specials, texts)
@@ -379,8 +421,13 @@ class LMTask(BaseTask):
         batch["ids"] = [s["id"] for s in samples]
         return batch
 
-    def export(self, model: nn.Module, directory: Path) -> None:
+    def export(self, model: nn.Module, directory: Path) -> str:
+        """Writes the model; returns how to load it."""
+        if self.vlm:
+            models.save_vlm(model, directory)
+            return f"AutoModelForImageTextToText and AutoProcessor .from_pretrained({str(directory)!r})"
         models.save_visual_prefix(model, self.tokenizer, directory)
+        return f"models.load_visual_prefix({str(directory)!r})"
 
     def generate(self, model: nn.Module, batch: dict) -> list[str]:
         cfg = self.cfg
@@ -401,18 +448,20 @@ class LMTask(BaseTask):
         )
 
 
-def load_splits(cfg: TaskConfig, root: Path, store: data.FeatureStore | None, load, media=None) -> dict[str, Dataset]:
+def load_splits(cfg: TaskConfig, root: Path, store, load, media=None, vlm: bool = False) -> dict[str, Dataset]:
     """ROOT/annotations/{train,val[,test]}.json read by `load(path, train=...)`, joined with their features, or with
-    --model.vision with their image or video (`media(sample)`: its file) and the extra streams of `store`."""
+    --model.vision (or a `vlm`, as decoded images) with their image or video (`media(sample)`: its file) and the extra
+    streams of `store`."""
     datasets, shuffle = {}, cfg.data.shuffle_features
-    if cfg.model.vision is not None:
-        pixels = data.Pixels(models.load_vision(cfg.model, processor_only=True)[1], cfg.data.num_frames)
+    if cfg.model.vision is not None or vlm:
+        processor = None if vlm else models.load_vision(cfg.model, processor_only=True)[1]
+        pixels = data.Pixels(processor, cfg.data.num_frames)
     for split in ["train", "val", "test"]:
         path = root / "annotations" / f"{split}.json"
         if split == "test" and not path.exists():
             continue
         samples = load(path, train=split == "train")
-        if cfg.model.vision is None:
+        if cfg.model.vision is None and not vlm:
             datasets[split] = data.FeatureDataset(samples, store, shuffle, root)
         else:
             files, train = {s["image_id"]: media(s) for s in samples}, split == "train" and cfg.data.augment
@@ -452,22 +501,32 @@ class DialogueTask(LMTask):
         cfg = self.cfg
         if cfg.data.features:
             raise InputError("dialogue reads its feature streams from --features (e.g. --features NAME vggish)")
-        streams = cfg.features if cfg.features is not None else () if cfg.model.vision else tuple(data.AVSD_STREAMS)
-        pixels = cfg.model.vision is not None or not set(streams) <= set(data.AVSD_STREAMS)
+        pixels_only = cfg.model.vision or self.vlm
+        streams = cfg.features if cfg.features is not None else () if pixels_only else tuple(data.AVSD_STREAMS)
+        pixels = cfg.model.vision is not None or self.vlm or not set(streams) <= set(data.AVSD_STREAMS)
         make = embedded.make_embedded_avsd
         root = cfg.data.root or embedded.embedded_root(cfg.data.cache_dir, embedded.EMBEDDED_VERSION, make, pixels)
         widths = {s: data.AVSD_STREAMS.get(s) for s in streams}
         store = data.FeatureStore(root / "features", widths, cfg.data.max_feature_len) if streams else None
         load = functools.partial(data.load_avsd, max_turns=cfg.max_turns)
-        return load_splits(cfg, root, store, load, functools.partial(data.video_file, root))
+        return load_splits(cfg, root, store, load, functools.partial(data.video_file, root), self.vlm)
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [t for s in train_set.samples for t in (s["caption"], s["summary"], s["question"], s["answer"])]
+
+    def conversation(self, sample: dict, train: bool) -> models.Conversation:
+        """The video's frames; the dialog so far as turns, the caption and summary in front of the first question."""
+        turns = [*itertools.chain(*sample["history"]), sample["question"]]
+        if self.cfg.use_caption:
+            turns[0] = f"{sample['caption']} {sample['summary']}\n{turns[0]}"
+        return models.Conversation(sample["pixels"], turns, sample["answer"] if train else None, video=True)
 
     def collate(self, samples: list[dict], train: bool) -> dict:
         """Packs [video frames | caption | history | question | <speaker2> answer] per sample; token types are
         <video>, <cap>, <speaker1> (questions), <speaker2> (answers). Train: right-padded, labels only on the
         answer and its <eos>. Eval: the prompt up to <speaker2>, left-padded so beam search continues each row."""
+        if self.vlm:
+            return self.vlm_batch(samples, train)
         tok, sep = self.token, self.separator
         texts = [[s["caption"] + " " + s["summary"], *itertools.chain(*s["history"]), s["question"]] for s in samples]
         encoded = self.token_ids([t for ts in texts for t in ts] + [s["answer"] for s in samples])
@@ -517,17 +576,17 @@ class ImageGenerationConfig(GenerationConfig):
         at_least(self, feature_dim=1)
 
 
-def image_datasets(cfg: ImageGenerationConfig, version: str, make_embedded, load) -> dict[str, Dataset]:
+def image_datasets(cfg: ImageGenerationConfig, version: str, make_embedded, load, vlm=False) -> dict[str, Dataset]:
     """Features ROOT/features/{id}.npy (--data.features NAME: ROOT/features/NAME/{id}.npy), or with --model.vision
-    images ROOT/images/{entry's "image"}. The embedded default has images with either of those two flags."""
-    pixels = cfg.model.vision is not None or cfg.data.features is not None
+    (or a `vlm`) images ROOT/images/{entry's "image"}. The embedded default has images with either of those flags."""
+    pixels = cfg.model.vision is not None or cfg.data.features is not None or vlm
     root = cfg.data.root or embedded.embedded_root(cfg.data.cache_dir, version, make_embedded, pixels)
     store = None
     if cfg.data.features:
         store = data.FeatureStore(root / "features", {cfg.data.features: None}, cfg.data.max_feature_len)
-    elif cfg.model.vision is None:
+    elif cfg.model.vision is None and not vlm:
         store = data.FeatureStore(root, {"features": cfg.feature_dim}, cfg.data.max_feature_len)
-    return load_splits(cfg, root, store, load, functools.partial(data.image_file, root))
+    return load_splits(cfg, root, store, load, functools.partial(data.image_file, root), vlm)
 
 
 @dataclass(frozen=True)
@@ -544,13 +603,21 @@ class CaptioningTask(LMTask):
     cfg: CaptioningConfig
 
     def build_datasets(self) -> dict[str, Dataset]:
-        return image_datasets(self.cfg, embedded.CAPTIONS_VERSION, embedded.make_embedded_captions, data.load_captions)
+        make = embedded.make_embedded_captions
+        return image_datasets(self.cfg, embedded.CAPTIONS_VERSION, make, data.load_captions, self.vlm)
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [s["caption"] for s in train_set.samples]
 
+    PROMPT = "Provide a one-sentence caption for the provided image."  # LLaVA-1.5's COCO caption prompt
+
+    def conversation(self, sample: dict, train: bool) -> models.Conversation:
+        return models.Conversation(sample["pixels"], [self.PROMPT], sample["caption"] if train else None)
+
     def collate(self, samples: list[dict], train: bool) -> dict:
         """[image | <cap> caption <eos>], token types <image> and <cap>; eval prompts end at <cap>."""
+        if self.vlm:
+            return self.vlm_batch(samples, train)
         cap = self.token["<cap>"]
         captions = self.token_ids([s["caption"] for s in samples]) if train else [[] for _ in samples]
         captions = [c[: self.max_positions - self.visual_len(s) - 2] for s, c in zip(samples, captions, strict=True)]
@@ -599,15 +666,24 @@ class VQATask(LMTask):
     cfg: VQAConfig
 
     def build_datasets(self) -> dict[str, Dataset]:
-        return image_datasets(self.cfg, embedded.VQA_VERSION, embedded.make_embedded_vqa, data.load_vqa)
+        return image_datasets(self.cfg, embedded.VQA_VERSION, embedded.make_embedded_vqa, data.load_vqa, self.vlm)
 
     def training_texts(self, train_set: Dataset) -> list[str]:
         return [t for s in train_set.samples for t in (s["question"], metrics.consensus_answer(s["answers"]))]
+
+    SCORED: typing.ClassVar[dict[str, str]] = {"answers": "answers", "answer_types": "answer_type"}
+    PROMPT = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's VQAv2 prompt, after the question
+
+    def conversation(self, sample: dict, train: bool) -> models.Conversation:
+        answer = metrics.consensus_answer(sample["answers"]) if train else None
+        return models.Conversation(sample["pixels"], [sample["question"] + self.PROMPT], answer)
 
     def build_model(self, train_set: Dataset, tokenizer_dir: Path) -> nn.Module:
         model = super().build_model(train_set, tokenizer_dir)
         if self.cfg.inference_method == "rank":
             self.candidates = self.answer_candidates(train_set)
+            if self.vlm:
+                return model
             answers = [[*a, self.token["<eos>"]] for a in self.token_ids(self.candidates)]
             self.candidate_ids = data.pad(answers, self.token["<pad>"])
             self.candidate_mask = data.pad([[1] * len(a) for a in answers], 0).bool()
@@ -625,6 +701,8 @@ class VQATask(LMTask):
     def collate(self, samples: list[dict], train: bool) -> dict:
         """[image | question <answer> answer <eos>], token types <image>, <question>, <answer>; eval prompts end at
         <answer>. Training learns the most common of the human answers (normalised)."""
+        if self.vlm:
+            return self.vlm_batch(samples, train)
         tok = self.token
         questions = self.token_ids([s["question"] for s in samples])
         answers = (
@@ -643,7 +721,8 @@ class VQATask(LMTask):
         return batch
 
     def valid_step(self, model: nn.Module, batch: dict) -> list[dict]:
-        predictions = (self.generate if self.cfg.inference_method == "generate" else self.rank)(model, batch)
+        rank = self.rank_conversations if self.vlm else self.rank
+        predictions = (self.generate if self.cfg.inference_method == "generate" else rank)(model, batch)
         rows = zip(batch["ids"], predictions, batch["answers"], batch["answer_types"], strict=True)
         return [{"id": i, "prediction": p, "answers": a, "answer_type": t} for i, p, a, t in rows]
 
@@ -677,6 +756,27 @@ class VQATask(LMTask):
             rows = {k: v[question] for k, v in visual.items()}
             rows |= {k: torch.cat([prompts[k][question], v], 1) for k, v in appended.items()}
             scores[pairs] = model.log_likelihood(rows).float()
+        best = shortlist.gather(1, scores.view(shortlist.shape).argmax(1, keepdim=True))
+        return [self.candidates[i] for i in best.flatten().tolist()]
+
+    @torch.no_grad()
+    def rank_conversations(self, model: nn.Module, batch: dict) -> list[str]:
+        """rank with a pretrained VLM: the shortlist as `rank` makes it, then each (question, candidate) conversation
+        scored whole as training writes it (models.ChatFormat), its images included: --rank-batch-size per pass."""
+        device = batch["input_ids"].device
+        questions, n_candidates = batch["conversations"], len(self.candidates)
+        shortlist = torch.arange(n_candidates).expand(len(questions), -1)
+        if 0 < self.cfg.num_ans_candidates < n_candidates:
+            prompt = self.chat.prompt(questions[0])  # how an answer starts after the generation prompt
+            first = torch.tensor([self.chat.answer_ids(prompt, a)[0] for a in self.candidates])
+            first_token = model.next_token_logits(batch).cpu().log_softmax(-1)[:, first]
+            shortlist = first_token.topk(self.cfg.num_ans_candidates, dim=1).indices
+        scores = torch.empty(shortlist.numel())
+        for pairs in torch.arange(len(scores)).split(self.cfg.rank_batch_size):
+            pairs_of = [(questions[p // shortlist.shape[1]], shortlist.flatten()[p]) for p in pairs.tolist()]
+            scored = self.chat([dataclasses.replace(q, answer=self.candidates[a]) for q, a in pairs_of], train=True)
+            scored = {k: v.to(device) if torch.is_tensor(v) else v for k, v in scored.items()}
+            scores[pairs] = model.log_likelihood(scored).float().cpu()
         best = shortlist.gather(1, scores.view(shortlist.shape).argmax(1, keepdim=True))
         return [self.candidates[i] for i in best.flatten().tolist()]
 

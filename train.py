@@ -355,8 +355,7 @@ def export(task, model: torch.nn.Module, cfg: TaskConfig) -> None:
     """--export DIR: the checkpoint's model as plain transformers code loads it (the task's `export`)."""
     if cfg.export.exists() and any(cfg.export.iterdir()) and not cfg.overwrite:
         raise InputError(f"--export {cfg.export} is not empty: pass another directory or --overwrite")
-    task.export(model, cfg.export)
-    print(f"exported {cfg.resume} to {cfg.export}: models.load_visual_prefix({str(cfg.export)!r})", flush=True)
+    print(f"exported {cfg.resume} to {cfg.export}: {task.export(model, cfg.export)}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,8 +498,10 @@ def shard_model(model: torch.nn.Module, bf16: bool) -> None:
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if bf16 else MixedPrecisionPolicy()
     classes = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or ()}
     # Only the repeated blocks (items of a ModuleList): embeddings, named there by some models too, are called outside
-    # their module's forward (to build inputs_embeds), which an FSDP unit's weights cannot be.
-    units = [m for n, m in model.named_modules() if type(m).__name__ in classes and n.rpartition(".")[2].isdigit()]
+    # their module's forward (to build inputs_embeds), which an FSDP unit's weights cannot be. A block holding a named
+    # class is one too (Idefics3 names its vision attention, not its vision layer).
+    blocks = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2].isdigit()]
+    units = [m for n, m in blocks if any(type(inner).__name__ in classes for inner in m.modules())]
     for module in [*reversed(units), model]:  # inner units before the ones around them
         fully_shard(module, mp_policy=policy)
 
