@@ -403,22 +403,27 @@ def peak_bf16_flops(device: torch.device) -> float | None:
     return peak
 
 
-def train_flops_per_token(model: torch.nn.Module, seq_len: float) -> float:
+def train_flops_per_token(model: torch.nn.Module, seq_len: float, head_share: float = 1.0) -> float:
     """Training FLOPs per token (PaLM, appendix B), matmuls only: a weight costs 2 FLOPs forward, 2 for its input's
     gradient, 2 for its own: 6 per trainable weight, 4 per frozen one that gradients pass through (a frozen LM under a
     trainable projector), 2 per frozen weight of the visual front end (the `vision` part: forward only). Embedding
-    tables are lookups (no FLOPs) unless tied to the output head (GPT-2's). Attention scores and values: 12 x layers x
-    width x sequence length, from the first config with num_hidden_layers and hidden_size (every family has or aliases
-    them). The feature projection is counted for every token (it runs on the video positions only)."""
+    tables are lookups (no FLOPs) unless tied to the output head (GPT-2's). The LM's output head runs on `head_share`
+    of the tokens (the loss runs it on the labelled ones only). Attention scores and values: 12 x layers x width x
+    sequence length, from the LM's config (else the first with num_hidden_layers and hidden_size). The feature
+    projection is counted for every token (it runs on the video positions only)."""
     lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     matmuls = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Embedding) for p in m.parameters(False)}
-    parts = part_of(model)
+    parts, lm = part_of(model), model.parts()["lm"]
+    head = getattr(lm, "get_output_embeddings", lambda: None)()
+    head = {id(p) for p in head.parameters()} if head is not None else set()
     weights = sum(
-        p.numel() * (6 if p.requires_grad else 2 if parts.get(id(p)) == "vision" else 4)
+        p.numel()
+        * (6 if p.requires_grad else 2 if parts.get(id(p)) == "vision" else 4)
+        * (head_share if id(p) in head else 1)
         for p in model.parameters()
         if id(p) not in lookups or id(p) in matmuls
     )
-    configs = (getattr(m, "config", None) for m in model.modules())
+    configs = (getattr(m, "config", None) for m in [lm, *model.modules()])
     config = next((c for c in configs if hasattr(c, "num_hidden_layers") and hasattr(c, "hidden_size")), None)
     attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len if config is not None else 0
     return weights + attention
@@ -746,7 +751,8 @@ class TrainState:
         if count_total > 0:  # else every step since the last log was skipped (--nan-policy skip)
             metrics["train/loss"] = loss_total / count_total
         if peak_flops:
-            per_token = train_flops_per_token(self.model, tokens_total / max(samples_total, 1))
+            share = count_total / max(tokens_total, 1)  # labelled tokens: where the output head runs
+            per_token = train_flops_per_token(self.model, tokens_total / max(samples_total, 1), share)
             metrics["train/mfu"] = per_token * tokens_total / elapsed / (peak_flops * self.world)
         if self.cfg.max_grad_norm > 0:
             metrics["train/grad_norm"] = self.grad_norm.item()

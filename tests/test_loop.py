@@ -114,6 +114,9 @@ def test_training_flops_count_each_matmul_weight_by_what_its_backward_computes()
     trained = sum(n.values()) - n["lm.transformer.wpe.weight"] - n["markers.weight"] - frozen_block - 40
     expected = 6 * trained + 4 * frozen_block + 2 * 40 + 12 * 2 * 8 * 10
     assert train.train_flops_per_token(gpt2, 10) == expected
+    # The tied head (wte) runs on the labelled share of the tokens only: the loss applies it to those rows.
+    head = 6 * n["lm.transformer.wte.weight"]
+    assert train.train_flops_per_token(gpt2, 10, head_share=0.25) == pytest.approx(expected - 0.75 * head)
 
     class Bare(torch.nn.Module):  # the LM alone
         def __init__(self, lm):
