@@ -61,6 +61,11 @@ class ModelConfig:
     --lr, the rate of the new projector and embeddings (nanoVLM, LLaVA: higher than the backbones'). Scales --min-lr."""
     grad_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass: less memory, about a third more compute."""
+    token_types: bool | None = None
+    """Generative tasks: add each segment's marker embedding to every token of it and the visual marker's to the
+    visual tokens (GPT-2's token types, as LAVIS's dialogue model adds them). Unset: on for the small model, off with
+    --model.name, where the marker tokens alone delimit the segments: a pretrained LM never saw such a shift (with
+    it, every input of a frozen LM is off what it learned). `--model.token-types True` adds them to any LM."""
     chat_template: bool = False
     """Generative tasks: wrap every prompt in the tokenizer's chat template as one user turn, the target being the
     assistant's reply, ended by the template's end-of-turn token (for instruction-tuned LMs)."""
@@ -364,13 +369,22 @@ class VisualPrefixLM(nn.Module):
     BLIP-2 and LLaVA). `is_visual` marks the positions that take a visual token (`visual_index`: which of the front
     end's), the others take the embedding of `input_ids`. The task's marker tokens (<speaker1>, <cap>, ...) have
     embeddings of our own (`markers`, initialised from the LM's rows and read instead of them), so they train when the
-    LM is frozen or under LoRA; `token_type_ids` (marker ids) add the same embeddings, as GPT-2's token types do, for
-    every LM. The loss is summed over the labelled tokens and returned with their count: the caller normalises over
-    the global batch."""
+    LM is frozen or under LoRA; with `token_types`, `token_type_ids` (marker ids) add the same embeddings, as GPT-2's
+    token types do (for any family). The loss is summed over the labelled tokens and returned with their count: the
+    caller normalises over the global batch."""
 
-    def __init__(self, lm, vision: nn.Module, markers: list[int], projector: str = "linear", video_loss_weight=0.0):
+    def __init__(
+        self,
+        lm,
+        vision: nn.Module,
+        markers: list[int],
+        projector: str = "linear",
+        video_loss_weight=0.0,
+        token_types: bool = True,
+    ):
         super().__init__()
         self.lm = lm
+        self.token_types = token_types
         self.vision = vision
         words = lm.get_input_embeddings().weight
         width = words.shape[1]
@@ -391,13 +405,19 @@ class VisualPrefixLM(nn.Module):
         found = hit.any(-1, keepdim=True)
         return self.markers(hit.int().argmax(-1)) * found, found
 
+    def type_embeds(self, types: torch.Tensor) -> torch.Tensor:
+        """(B, L) token types (marker ids) → what is added to the inputs: their markers' embeddings, or 0 without
+        token types (the inputs left as they are)."""
+        own = self.marker_embeds(types)[0]
+        return own if self.token_types else torch.zeros_like(own)
+
     def embed(self, batch: dict) -> torch.Tensor:
         own, is_marker = self.marker_embeds(batch["input_ids"])
         text = torch.where(is_marker, own, self.lm.get_input_embeddings()(batch["input_ids"]))
         visual = self.projector(self.vision(batch)[0].to(text.dtype))
         index = batch["visual_index"].unsqueeze(-1).expand(-1, -1, visual.shape[-1])
         mixed = torch.where(batch["is_visual"].unsqueeze(-1), visual.gather(1, index), text)
-        return mixed + self.marker_embeds(batch["token_type_ids"])[0]
+        return mixed + self.type_embeds(batch["token_type_ids"])
 
     def run_lm(self, batch: dict, hidden_states: bool = False):
         mask, embeds = batch["attention_mask"], self.embed(batch)
@@ -440,7 +460,7 @@ class VisualPrefixLM(nn.Module):
         of the prompt's last token, as GPT-2 extends token_type_ids: generate embeds new tokens with the LM's
         input embedding, so a hook adds the type there. Markers are never generated."""
         embeds = self.embed(batch)
-        types = self.marker_embeds(batch["token_type_ids"][:, -1:])[0]
+        types = self.type_embeds(batch["token_type_ids"][:, -1:])
         hook = self.lm.get_input_embeddings().register_forward_hook(
             lambda module, args, out: out + types.repeat_interleave(len(out) // len(types), 0).to(out.dtype)
         )
@@ -485,7 +505,8 @@ def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
 def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> None:
     """`load_visual_prefix`'s directory: the LM (LoRA merged into its weights) and the tokenizer with
     save_pretrained, a vision tower with its image processor the same way in vision/, and visual_prefix.pt: the front
-    end's width, the projector's kind, the marker tokens and every other weight (projector, markers)."""
+    end's width, the projector's kind, the marker tokens, whether they add token types, and every other weight
+    (projector, markers)."""
     lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -497,6 +518,7 @@ def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> Non
     weights = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm.", "video_head.", "vision.tower."))}
     markers = tokenizer.convert_ids_to_tokens(model.marker_ids.tolist())
     extra = {"feature_dim": model.vision.dim, "projector": model.projector_kind, "markers": markers, "weights": weights}
+    extra["token_types"] = model.token_types
     torch.save({**extra, "tower": tower}, Path(directory) / "visual_prefix.pt")
 
 
@@ -516,7 +538,7 @@ def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
     if extra["tower"]:
         tower = ModelConfig(vision=str(Path(directory) / "vision"), vision_tokens=extra["tower"]["tokens"])
         vision = VisionTower(tower, extra_dim=dim, extra_stats=stats)
-    model = VisualPrefixLM(lm, vision, markers, extra["projector"])
+    model = VisualPrefixLM(lm, vision, markers, extra["projector"], token_types=extra.get("token_types", True))
     missing, unexpected = model.load_state_dict(extra["weights"], strict=False)
     if unexpected or not all(k.startswith(("lm.", "vision.tower.")) for k in missing):
         raise ValueError(f"{directory}/visual_prefix.pt does not fit: missing {missing}, unexpected {unexpected}")

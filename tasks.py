@@ -389,7 +389,10 @@ class LMTask(BaseTask):
         lm = models.build_causal_lm(cfg, tok, eos, pad)
         self.max_positions = lm.config.max_position_embeddings - len(self.front) - len(self.back)
         markers = [self.token[t] for t in self.MARKERS]
-        return models.VisualPrefixLM(lm, self.build_vision(train_set), markers, cfg.projector, cfg.video_loss_weight)
+        types = cfg.name is None if cfg.token_types is None else cfg.token_types
+        return models.VisualPrefixLM(
+            lm, self.build_vision(train_set), markers, cfg.projector, cfg.video_loss_weight, token_types=types
+        )
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids without special tokens, from the Rust tokenizer directly: the transformers wrapper around it
