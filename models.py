@@ -370,8 +370,9 @@ class VisualPrefixLM(nn.Module):
     end's), the others take the embedding of `input_ids`. The task's marker tokens (<speaker1>, <cap>, ...) have
     embeddings of our own (`markers`, initialised from the LM's rows and read instead of them), so they train when the
     LM is frozen or under LoRA; with `token_types`, `token_type_ids` (marker ids) add the same embeddings, as GPT-2's
-    token types do (for any family). The loss is summed over the labelled tokens and returned with their count: the
-    caller normalises over the global batch."""
+    token types do (for any family). The projector ends in a LayerNorm whose gain starts at 1, or for a `pretrained`
+    LM at the root mean square of its word embeddings: visual tokens enter at the scale of its words. The loss is
+    summed over the labelled tokens and returned with their count: the caller normalises over the global batch."""
 
     def __init__(
         self,
@@ -381,6 +382,7 @@ class VisualPrefixLM(nn.Module):
         projector: str = "linear",
         video_loss_weight=0.0,
         token_types: bool = True,
+        pretrained: bool = False,
     ):
         super().__init__()
         self.lm = lm
@@ -392,6 +394,8 @@ class VisualPrefixLM(nn.Module):
         # values are orders of magnitude larger than word embeddings and would swamp the residual stream).
         mlp = [nn.Linear(vision.dim, width), nn.GELU()] if projector == "mlp" else []
         self.projector = nn.Sequential(*mlp, nn.Linear(width if mlp else vision.dim, width), nn.LayerNorm(width))
+        if pretrained:  # its layers expect inputs at its word embeddings' scale, far below a LayerNorm's sqrt(width)
+            nn.init.constant_(self.projector[-1].weight, words.detach().float().pow(2).mean().sqrt().item())
         self.projector_kind = projector
         self.markers = nn.Embedding.from_pretrained(words[markers].detach().clone(), freeze=False)
         self.register_buffer("marker_ids", torch.tensor(markers), persistent=False)

@@ -391,7 +391,7 @@ class LMTask(BaseTask):
         markers = [self.token[t] for t in self.MARKERS]
         types = cfg.name is None if cfg.token_types is None else cfg.token_types
         return models.VisualPrefixLM(
-            lm, self.build_vision(train_set), markers, cfg.projector, cfg.video_loss_weight, token_types=types
+            lm, self.build_vision(train_set), markers, cfg.projector, cfg.video_loss_weight, types, cfg.name is not None
         )
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
