@@ -218,8 +218,11 @@ def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts
 
 
 def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int], int]:
-    """(ids before every prompt, ids after it, the id that ends a target). Plain: what the tokenizer puts in front
-    of a text (Llama's <s>, OPT's </s>; nothing for GPT-2 or Qwen2), nothing after, its eos. Chat template: the
+    """(ids that start every sequence, before its visual tokens and prompt; ids after the prompt; the id that ends a
+    target). Plain: what the tokenizer puts in front
+    of a text (Llama's <s>, OPT's </s>), else its bos (GPT-2's <|endoftext|>, SmolLM2's; nothing for Qwen2, which
+    has none): a pretrained LM gives its first token much of its attention and little of what it reads there (an
+    attention sink), so a visual token must not come first. Nothing after; its eos. Chat template: the
     template's user turn around the prompt, its assistant header after it, and its end-of-turn token (Qwen's
     <|im_end|>), read off the template rendered around placeholders."""
 
@@ -230,7 +233,8 @@ def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int],
     if not chat_template:
         plain, full = ids(mark), tokenizer(mark)["input_ids"]
         front = full[: next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)]
-        return front, [], tokenizer.eos_token_id
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return front or bos, [], tokenizer.eos_token_id
     if not tokenizer.chat_template:
         raise InputError(f"--model.chat-template: the tokenizer of {tokenizer.name_or_path} has no chat template")
     turns = [{"role": "user", "content": mark}, {"role": "assistant", "content": reply}]

@@ -131,3 +131,24 @@ def test_greedy_generation_takes_the_training_forwards_argmax(trained, family):
             logits[model.marker_ids] = -torch.inf
             assert logits[token] >= logits.max() - 1e-4, (row, i, token, logits.argmax().item())
     assert any(generated), "an empty generation would pass trivially"
+
+
+def before_the_image(task, sample) -> list[int]:
+    """The ids a training sequence has before its first visual token."""
+    batch = task.collate([sample], train=True)
+    return batch["input_ids"][0, : batch["is_visual"][0].int().argmax()].tolist()
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_a_sequence_starts_with_the_familys_bos_never_with_an_image(roots, family, tmp_path):
+    """A pretrained LM's first position is an attention sink: it gets the family's bos, whether its tokenizer
+    prepends it (Llama, Mistral, OPT) or not (GPT-2, Phi), and a visual token only where there is none (Qwen2)."""
+    task, _, datasets = built(roots, "captioning", family, tmp_path)
+    bos = task.tokenizer.bos_token_id
+    assert before_the_image(task, datasets["train"][0]) == ([] if bos is None else [bos])
+
+
+def test_with_a_chat_template_the_image_is_in_the_user_turn(roots, tmp_path):
+    task, _, datasets = built(roots, "captioning", "qwen2", tmp_path, "--model.chat-template")
+    user = task.tokenizer.apply_chat_template([{"role": "user", "content": "X"}], tokenize=False).split("X")[0]
+    assert task.tokenizer.decode(before_the_image(task, datasets["train"][0])) == user == "<|im_start|>user\n"
