@@ -66,6 +66,11 @@ class ModelConfig:
     --lr, the rate of the new projector and embeddings (nanoVLM, LLaVA: higher than the backbones'). Scales --min-lr."""
     grad_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass: less memory, about a third more compute."""
+    token_types: bool | None = None
+    """Generative tasks: add each segment's marker embedding to every token of it and the visual marker's to the
+    visual tokens (GPT-2's token types, as LAVIS's dialogue model adds them). Unset: on for the small model, off with
+    --model.name, where the marker tokens alone delimit the segments: a pretrained LM never saw such a shift (with
+    it, every input of a frozen LM is off what it learned). `--model.token-types True` adds them to any LM."""
     chat_template: bool = False
     """Generative tasks: wrap every prompt in the tokenizer's chat template as one user turn, the target being the
     assistant's reply, ended by the template's end-of-turn token (for instruction-tuned LMs)."""
@@ -393,8 +398,11 @@ def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts
 
 
 def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int], int]:
-    """(ids before every prompt, ids after it, the id that ends a target). Plain: what the tokenizer puts in front
-    of a text (Llama's <s>, OPT's </s>; nothing for GPT-2 or Qwen2), nothing after, its eos. Chat template: the
+    """(ids that start every sequence, before its visual tokens and prompt; ids after the prompt; the id that ends a
+    target). Plain: what the tokenizer puts in front
+    of a text (Llama's <s>, OPT's </s>), else its bos (GPT-2's <|endoftext|>, SmolLM2's; nothing for Qwen2, which
+    has none): a pretrained LM gives its first token much of its attention and little of what it reads there (an
+    attention sink), so a visual token must not come first. Nothing after; its eos. Chat template: the
     template's user turn around the prompt, its assistant header after it, and its end-of-turn token (Qwen's
     <|im_end|>), read off the template rendered around placeholders."""
 
@@ -405,7 +413,8 @@ def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int],
     if not chat_template:
         plain, full = ids(mark), tokenizer(mark)["input_ids"]
         front = full[: next(i for i in range(len(full)) if full[i : i + len(plain)] == plain)]
-        return front, [], tokenizer.eos_token_id
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return front or bos, [], tokenizer.eos_token_id
     if not tokenizer.chat_template:
         raise InputError(f"--model.chat-template: the tokenizer of {tokenizer.name_or_path} has no chat template")
     turns = [{"role": "user", "content": mark}, {"role": "assistant", "content": reply}]
@@ -563,13 +572,24 @@ class VisualPrefixLM(nn.Module):
     BLIP-2 and LLaVA). `is_visual` marks the positions that take a visual token (`visual_index`: which of the front
     end's), the others take the embedding of `input_ids`. The task's marker tokens (<speaker1>, <cap>, ...) have
     embeddings of our own (`markers`, initialised from the LM's rows and read instead of them), so they train when the
-    LM is frozen or under LoRA; `token_type_ids` (marker ids) add the same embeddings, as GPT-2's token types do, for
-    every LM. The loss is summed over the labelled tokens and returned with their count: the caller normalises over
-    the global batch."""
+    LM is frozen or under LoRA; with `token_types`, `token_type_ids` (marker ids) add the same embeddings, as GPT-2's
+    token types do (for any family). The projector ends in a LayerNorm whose gain starts at 1, or for a `pretrained`
+    LM at the root mean square of its word embeddings: visual tokens enter at the scale of its words. The loss is
+    summed over the labelled tokens and returned with their count: the caller normalises over the global batch."""
 
-    def __init__(self, lm, vision: nn.Module, markers: list[int], projector: str = "linear", video_loss_weight=0.0):
+    def __init__(
+        self,
+        lm,
+        vision: nn.Module,
+        markers: list[int],
+        projector: str = "linear",
+        video_loss_weight=0.0,
+        token_types: bool = True,
+        pretrained: bool = False,
+    ):
         super().__init__()
         self.lm = lm
+        self.token_types = token_types
         self.vision = vision
         words = lm.get_input_embeddings().weight
         width = words.shape[1]
@@ -577,6 +597,8 @@ class VisualPrefixLM(nn.Module):
         # values are orders of magnitude larger than word embeddings and would swamp the residual stream).
         mlp = [nn.Linear(vision.dim, width), nn.GELU()] if projector == "mlp" else []
         self.projector = nn.Sequential(*mlp, nn.Linear(width if mlp else vision.dim, width), nn.LayerNorm(width))
+        if pretrained:  # its layers expect inputs at its word embeddings' scale, far below a LayerNorm's sqrt(width)
+            nn.init.constant_(self.projector[-1].weight, words.detach().float().pow(2).mean().sqrt().item())
         self.projector_kind = projector
         self.markers = nn.Embedding.from_pretrained(words[markers].detach().clone(), freeze=False)
         self.register_buffer("marker_ids", torch.tensor(markers), persistent=False)
@@ -595,13 +617,19 @@ class VisualPrefixLM(nn.Module):
         found = hit.any(-1, keepdim=True)
         return self.markers(hit.int().argmax(-1)) * found, found
 
+    def type_embeds(self, types: torch.Tensor) -> torch.Tensor:
+        """(B, L) token types (marker ids) → what is added to the inputs: their markers' embeddings, or 0 without
+        token types (the inputs left as they are)."""
+        own = self.marker_embeds(types)[0]
+        return own if self.token_types else torch.zeros_like(own)
+
     def embed(self, batch: LMBatch) -> torch.Tensor:
         own, is_marker = self.marker_embeds(batch["input_ids"])
         text = torch.where(is_marker, own, self.lm.get_input_embeddings()(batch["input_ids"]))
         visual = self.projector(self.vision(batch)[0].to(text.dtype))
         index = batch["visual_index"].unsqueeze(-1).expand(-1, -1, visual.shape[-1])
         mixed = torch.where(batch["is_visual"].unsqueeze(-1), visual.gather(1, index), text)
-        return mixed + self.marker_embeds(batch["token_type_ids"])[0]
+        return mixed + self.type_embeds(batch["token_type_ids"])
 
     def run_lm(self, batch: LMBatch):
         mask, embeds = batch["attention_mask"], self.embed(batch)
@@ -679,7 +707,7 @@ class VisualPrefixLM(nn.Module):
         -inf logits from a hook on the output head (a suppressed token still weighs in the log-softmax that beam
         scores come from), so beams are those of the LM without them."""
         embeds = self.embed(batch)
-        types = self.marker_embeds(batch["token_type_ids"][:, -1:])[0]
+        types = self.type_embeds(batch["token_type_ids"][:, -1:])
         hooks = [
             self.lm.get_input_embeddings().register_forward_hook(
                 lambda module, args, out: out + types.repeat_interleave(len(out) // len(types), 0).to(out.dtype)
@@ -742,8 +770,8 @@ def build_causal_lm(cfg: ModelConfig, tokenizer, eos: int, pad: int):
 def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> None:
     """`load_visual_prefix`'s directory: the LM (LoRA merged into its weights, the padded vocabulary rows left out:
     both in `model` itself) and the tokenizer with save_pretrained, a vision tower with its image processor the same
-    way in vision/, and visual_prefix.pt: the front end's width, the projector's kind, the marker tokens and every
-    other weight (projector, markers)."""
+    way in vision/, and visual_prefix.pt: the front end's width, the projector's kind, the marker tokens, whether they
+    add token types, and every other weight (projector, markers)."""
     lm = model.lm.merge_and_unload() if hasattr(model.lm, "merge_and_unload") else model.lm
     if (rows := getattr(lm.config, "unpadded_vocab_size", None)) is not None:
         lm.resize_token_embeddings(rows)  # plain transformers gets the tokenizer's rows only
@@ -758,6 +786,7 @@ def save_visual_prefix(model: VisualPrefixLM, tokenizer, directory: Path) -> Non
     weights = {k: v for k, v in model.state_dict().items() if not k.startswith(("lm.", "video_head.", "vision.tower."))}
     markers = tokenizer.convert_ids_to_tokens(model.marker_ids.tolist())
     extra = {"feature_dim": model.vision.dim, "projector": model.projector_kind, "markers": markers, "weights": weights}
+    extra["token_types"] = model.token_types
     torch.save({**extra, "tower": tower}, Path(directory) / "visual_prefix.pt")
 
 
@@ -777,7 +806,7 @@ def load_visual_prefix(directory: str | Path) -> tuple[VisualPrefixLM, object]:
     if extra["tower"]:
         tower = ModelConfig(vision=str(Path(directory) / "vision"), vision_tokens=extra["tower"]["tokens"])
         vision = VisionTower(tower, extra_dim=dim, extra_stats=stats)
-    model = VisualPrefixLM(lm, vision, markers, extra["projector"])
+    model = VisualPrefixLM(lm, vision, markers, extra["projector"], token_types=extra.get("token_types", True))
     missing, unexpected = model.load_state_dict(extra["weights"], strict=False)
     if unexpected or not all(k.startswith(("lm.", "vision.tower.")) for k in missing):
         raise ValueError(f"{directory}/visual_prefix.pt does not fit: missing {missing}, unexpected {unexpected}")

@@ -377,7 +377,10 @@ class LMTask(BaseTask):
         lm = models.build_causal_lm(cfg, tok, eos, pad)
         self.max_positions = lm.config.max_position_embeddings - len(self.front) - len(self.back)
         markers = [self.token[t] for t in self.MARKERS]
-        return models.VisualPrefixLM(lm, self.build_vision(train_set), markers, cfg.projector, cfg.video_loss_weight)
+        types = cfg.name is None if cfg.token_types is None else cfg.token_types
+        return models.VisualPrefixLM(
+            lm, self.build_vision(train_set), markers, cfg.projector, cfg.video_loss_weight, types, cfg.name is not None
+        )
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids without special tokens, from the Rust tokenizer directly: the transformers wrapper around it
@@ -385,13 +388,15 @@ class LMTask(BaseTask):
         return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def pack(self, samples: list[dict], prompts: list[tuple[list[int], list[int]]], targets, train: bool) -> LMBatch:
-        """prompts = (token ids, token types) per sample, placed after its visual tokens (between `self.front` and
-        `self.back`); targets = token ids to learn (train only; they and their <eos> take the type of the prompt's
-        last token, and are the only labelled positions). One sequence per sample, [visual | text]: `is_visual`
-        and `visual_index` say which positions take which visual token (VisualPrefixLM). Train: right-padded with
-        labels and the positions that predict them (`loss_index`, see VisualPrefixLM.token_losses). Eval: the prompt
-        alone, left-padded for generation, and the samples' references if they have any."""
-        eos, pad_id, left = self.token["<eos>"], self.token["<pad>"], not train
+        """prompts = (token ids, token types) per sample, placed after its visual tokens, the two between `self.front`
+        and `self.back`; targets = token ids to learn (train only; they and their <eos> take the type of the prompt's
+        last token, and are the only labelled positions). One sequence per sample, [front | visual | text]: a
+        pretrained LM sees its bos first, where it always saw it, and a chat template's user turn holds the image.
+        `is_visual` and `visual_index` say which positions take which visual token (VisualPrefixLM). Train:
+        right-padded with labels and the positions that predict them (`loss_index`, see
+        VisualPrefixLM.token_losses). Eval: the prompt alone, left-padded for generation, and the samples'
+        references if they have any."""
+        eos, pad_id, left, lead = self.token["<eos>"], self.token["<pad>"], not train, len(self.front)
         ids, types, visual, labels = [], [], [], []
         for sample, (prompt, kinds), target in zip(samples, prompts, targets, strict=True):
             frames = self.visual_len(sample)
@@ -400,9 +405,9 @@ class LMTask(BaseTask):
             labels.append([models.IGNORE] * (frames + len(prompt)) + [*target, eos])
             if train:
                 prompt, kinds = [*prompt, *target, eos], kinds + [kinds[-1]] * (len(target) + 1)
-            ids.append([pad_id] * frames + prompt)
-            types.append([self.token[self.VISUAL]] * frames + kinds)
-            visual.append([1] * frames + [0] * len(prompt))
+            ids.append([*prompt[:lead], *[pad_id] * frames, *prompt[lead:]])
+            types.append([*kinds[:lead], *[self.token[self.VISUAL]] * frames, *kinds[lead:]])
+            visual.append([0] * lead + [1] * frames + [0] * (len(prompt) - lead))
         visual = data.pad(visual, 0, left)
         batch = {
             **self.visual_batch(samples),

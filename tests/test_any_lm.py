@@ -79,9 +79,9 @@ def ckpt(run: Path) -> dict:
     return torch.load(run / "ckpt_last.pt", weights_only=True)
 
 
-def fresh_model(roots, family: str, run: Path) -> tuple[tasks.LMTask, torch.nn.Module, dict]:
+def fresh_model(roots, family: str, run: Path, *flags) -> tuple[tasks.LMTask, torch.nn.Module, dict]:
     """The run's task and its model as built before any training step (same seed), with the datasets."""
-    name, cfg = train.parse_config(argv(roots, "dialogue", family, run))
+    name, cfg = train.parse_config(argv(roots, "dialogue", family, run, *flags))
     task = tasks.TASKS[name][0](cfg)
     datasets = task.build_datasets()
     torch.manual_seed(cfg.seed)
@@ -203,8 +203,9 @@ def test_left_padded_batched_generation_and_ranking_equal_one_by_one(roots, fami
 
 def test_gpt2_type_embeddings_equal_gpt2s_own_token_types(roots, tmp_path):
     """The shared mechanism (markers table added to the input) against GPT-2's token_type_ids (its word embeddings
-    of the type tokens, added by GPT-2 itself): the same logits, the same beams."""
-    task, model, datasets = fresh_model(roots, "gpt2", tmp_path)
+    of the type tokens, added by GPT-2 itself): the same logits, the same beams. (Off by default with --model.name:
+    tests/test_fidelity.py.)"""
+    task, model, datasets = fresh_model(roots, "gpt2", tmp_path, "--model.token-types", "True")
     # Without the padded vocabulary rows, which scaled() fills: GPT-2's own generate would emit them.
     model.lm.resize_token_embeddings(model.lm.config.unpadded_vocab_size)
     del model.lm.config.unpadded_vocab_size
