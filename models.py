@@ -184,7 +184,7 @@ def load_weights(auto, name: str, field: str = "name", spare: Callable = lambda 
         model, info = pretrained(partial(auto.from_pretrained, **kwargs), name, "model", field)
     except LoadError:
         report = unfit_weights(auto, name, kwargs) if Path(name).expanduser().is_dir() else None
-        if report is None:
+        if report is None or not report[1]:  # no weight missing or misshapen: another reason, said as it is
             raise
         described, missing, unexpected = report
     else:
