@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import LM_FAMILIES, save_lm_family
 
-import data
+import embedded
 import tasks
 import train
 
@@ -20,10 +20,10 @@ COMMON += ["--data.num-workers", "0", "--warmup-steps", "0", "--lr", "3e-3"]
 def roots(tmp_path_factory):
     """Tiny embedded datasets (no test split) and every family's checkpoint."""
     base = tmp_path_factory.mktemp("fidelity")
-    with mock.patch.dict(data.EMBEDDED_SPLITS, {"train": 4, "val": 3}, clear=True):
-        data.make_embedded_avsd(base / "avsd")
-    with mock.patch.dict(data.CAPTIONS_SPLITS, {"train": 8, "val": 3}, clear=True):
-        data.make_embedded_captions(base / "captions")
+    with mock.patch.dict(embedded.EMBEDDED_SPLITS, {"train": 4, "val": 3}, clear=True):
+        embedded.make_embedded_avsd(base / "avsd")
+    with mock.patch.dict(embedded.CAPTIONS_SPLITS, {"train": 8, "val": 3}, clear=True):
+        embedded.make_embedded_captions(base / "captions")
     return {"base": base, **{family: save_lm_family(family, base / family) for family in LM_FAMILIES}}
 
 
