@@ -104,7 +104,7 @@ def test_pretrained_model_and_tokenizer_load_from_a_local_directory(built, tmp_p
     assert torch.equal(model.lm.transformer.h[0].attn.c_attn.weight, lm.transformer.h[0].attn.c_attn.weight)
     rows = model.lm.get_input_embeddings().weight.shape[0]
     assert model.lm.config.unpadded_vocab_size == len(pretrained_task.tokenizer) and rows % 64 == 0
-    assert pretrained_task.max_positions == 256
+    assert pretrained_task.max_positions == 256 - 1  # its bos (<|endoftext|>) starts every sequence
     loss_sum, count = model(pretrained_task.collate([datasets["train"][3]], train=True))
     assert torch.isfinite(loss_sum) and count > 0
 
