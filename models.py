@@ -57,8 +57,10 @@ class ModelConfig:
     """Module names LoRA adapts (e.g. q_proj v_proj); empty: every linear layer of the model's blocks, whatever
     the family calls them (peft's all-linear; the output head excluded), the QLoRA choice."""
     lm_lr: float | None = None
-    """Peak learning rate of the language model or text encoder (its LoRA adapters with --model.lora-r); unset:
-    --lr, the rate of the new projector and embeddings (nanoVLM, LLaVA: higher than the backbones'). Scales --min-lr."""
+    """Peak learning rate of the language model or text encoder (its LoRA adapters with --model.lora-r), beside --lr,
+    the rate of the new projector, embeddings and heads (nanoVLM, LLaVA: higher than the backbones'). Unset: for
+    pretrained weights trained in full (--model.name, no --model.lora-r) the lower of --lr and 1e-4, a fine-tuning
+    rate (docs/pretrained_lms.md); else --lr (the small model; LoRA's adapters, new weights too). Scales --min-lr."""
     grad_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass: less memory, about a third more compute."""
     token_types: bool | None = None
@@ -89,6 +91,12 @@ class ModelConfig:
     (computed when the model is built, from up to 256 videos or images; kept in checkpoints). Real features have a
     large shared mean and dimensions of very different scales (I3D ~0.4, VGGish 0..255) that otherwise hide what
     varies between videos from the projector. Off: features enter as they are."""
+
+    def lm_rate(self, lr: float) -> float:
+        """The language model's (or text encoder's) peak learning rate when --lr is `lr` (see lm_lr)."""
+        if self.lm_lr is not None:
+            return self.lm_lr
+        return min(lr, 1e-4) if self.name is not None and not self.lora_r else lr
 
     def __post_init__(self):
         if self.n_embd % self.n_head:

@@ -368,7 +368,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TaskConfig, fused: bool) -> tor
     """AdamW over the parameters that train: a frozen one is not in it at all (weight decay would still move it).
     Weight decay on matrices (linear/embedding weights) only, not on biases and norm scales. Each part has its
     learning rate by parameter name (one line per part below); the rest (projector, new embeddings, heads): --lr."""
-    parts = [("lm.", cfg.model.lm_lr), ("text_encoder.", cfg.model.lm_lr), ("encoder.", cfg.model.lm_lr)]
+    lm_lr = cfg.model.lm_rate(cfg.lr)
+    parts = [("lm.", lm_lr), ("text_encoder.", lm_lr), ("encoder.", lm_lr)]
     parts.append(("vision.", cfg.model.vision_lr))  # a fine-tuned tower (--model.no-freeze-vision)
     groups = {}
     for name, p in model.named_parameters():
