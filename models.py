@@ -69,8 +69,10 @@ class ModelConfig:
     --model.name, where the marker tokens alone delimit the segments: a pretrained LM never saw such a shift (with
     it, every input of a frozen LM is off what it learned). `--model.token-types True` adds them to any LM."""
     chat_template: bool = False
-    """Generative tasks: wrap every prompt in the tokenizer's chat template as one user turn, the target being the
-    assistant's reply, ended by the template's end-of-turn token (for instruction-tuned LMs)."""
+    """Generative tasks: wrap the visual tokens and every prompt in the tokenizer's chat template as one user turn,
+    the target being the assistant's reply, ended by the template's end-of-turn token. Pass it for an
+    instruction-tuned LM: in the format it was tuned on it reads the image far sooner (docs/pretrained_lms.md). Off
+    by default: a base LM's tokenizer may carry a template whose tokens its LM never trained."""
     vision: str | None = None
     """Read raw images/videos through this vision tower instead of pre-extracted features: a transformers vision model
     (CLIP, SigLIP/SigLIP2, ViT, DINOv2, ...; of a CLIP/SigLIP checkpoint its vision half) and its image processor, by
@@ -227,12 +229,12 @@ def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts
 
 def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int], int]:
     """(ids that start every sequence, before its visual tokens and prompt; ids after the prompt; the id that ends a
-    target). Plain: what the tokenizer puts in front
-    of a text (Llama's <s>, OPT's </s>), else its bos (GPT-2's <|endoftext|>, SmolLM2's; nothing for Qwen2, which
-    has none): a pretrained LM gives its first token much of its attention and little of what it reads there (an
-    attention sink), so a visual token must not come first. Nothing after; its eos. Chat template: the
-    template's user turn around the prompt, its assistant header after it, and its end-of-turn token (Qwen's
-    <|im_end|>), read off the template rendered around placeholders."""
+    target). Plain: what the tokenizer puts in front of a text (Llama's <s>, OPT's </s>), else its bos (GPT-2's
+    <|endoftext|>, SmolLM2's; nothing for Qwen2, which has none): a pretrained LM gives its first token much of its
+    attention and little of what it reads there (an attention sink), so a visual token must not come first.
+    Nothing after; its eos. Chat template: the template's text before the user's message, its end of the user turn
+    and assistant header after the prompt, and its end-of-turn token (Qwen's <|im_end|>), read off the template
+    rendered around placeholders."""
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
