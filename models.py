@@ -62,8 +62,10 @@ class ModelConfig:
     """Module names LoRA adapts (e.g. q_proj v_proj); empty: every linear layer of the model's blocks, whatever
     the family calls them (peft's all-linear; the output head excluded), the QLoRA choice."""
     lm_lr: float | None = None
-    """Peak learning rate of the language model or text encoder (its LoRA adapters with --model.lora-r); unset:
-    --lr, the rate of the new projector and embeddings (nanoVLM, LLaVA: higher than the backbones'). Scales --min-lr."""
+    """Peak learning rate of the language model or text encoder (its LoRA adapters with --model.lora-r), beside --lr,
+    the rate of the new projector, embeddings and heads (nanoVLM, LLaVA: higher than the backbones'). Unset: for
+    pretrained weights trained in full (--model.name, no --model.lora-r) the lower of --lr and 1e-4, a fine-tuning
+    rate (docs/pretrained_lms.md); else --lr (the small model; LoRA's adapters, new weights too). Scales --min-lr."""
     grad_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass: less memory, about a third more compute."""
     token_types: bool | None = None
@@ -72,8 +74,10 @@ class ModelConfig:
     --model.name, where the marker tokens alone delimit the segments: a pretrained LM never saw such a shift (with
     it, every input of a frozen LM is off what it learned). `--model.token-types True` adds them to any LM."""
     chat_template: bool = False
-    """Generative tasks: wrap every prompt in the tokenizer's chat template as one user turn, the target being the
-    assistant's reply, ended by the template's end-of-turn token (for instruction-tuned LMs)."""
+    """Generative tasks: wrap the visual tokens and every prompt in the tokenizer's chat template as one user turn,
+    the target being the assistant's reply, ended by the template's end-of-turn token. Pass it for an
+    instruction-tuned LM: in the format it was tuned on it reads the image far sooner (docs/pretrained_lms.md). Off
+    by default: a base LM's tokenizer may carry a template whose tokens its LM never trained."""
     vision: str | None = None
     """Read raw images/videos through this vision tower instead of pre-extracted features: a transformers vision model
     (CLIP, SigLIP/SigLIP2, ViT, DINOv2, ...; of a CLIP/SigLIP checkpoint its vision half) and its image processor, by
@@ -99,6 +103,12 @@ class ModelConfig:
     (computed when the model is built, from up to 256 videos or images; kept in checkpoints). Real features have a
     large shared mean and dimensions of very different scales (I3D ~0.4, VGGish 0..255) that otherwise hide what
     varies between videos from the projector. Off: features enter as they are."""
+
+    def lm_rate(self, lr: float) -> float:
+        """The language model's (or text encoder's) peak learning rate when --lr is `lr` (see lm_lr)."""
+        if self.lm_lr is not None:
+            return self.lm_lr
+        return min(lr, 1e-4) if self.name is not None and not self.lora_r else lr
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -399,12 +409,12 @@ def build_tokenizer(cfg: ModelConfig, tokenizer_dir: Path, specials: dict, texts
 
 def prompt_tokens(tokenizer, chat_template: bool) -> tuple[list[int], list[int], int]:
     """(ids that start every sequence, before its visual tokens and prompt; ids after the prompt; the id that ends a
-    target). Plain: what the tokenizer puts in front
-    of a text (Llama's <s>, OPT's </s>), else its bos (GPT-2's <|endoftext|>, SmolLM2's; nothing for Qwen2, which
-    has none): a pretrained LM gives its first token much of its attention and little of what it reads there (an
-    attention sink), so a visual token must not come first. Nothing after; its eos. Chat template: the
-    template's user turn around the prompt, its assistant header after it, and its end-of-turn token (Qwen's
-    <|im_end|>), read off the template rendered around placeholders."""
+    target). Plain: what the tokenizer puts in front of a text (Llama's <s>, OPT's </s>), else its bos (GPT-2's
+    <|endoftext|>, SmolLM2's; nothing for Qwen2, which has none): a pretrained LM gives its first token much of its
+    attention and little of what it reads there (an attention sink), so a visual token must not come first.
+    Nothing after; its eos. Chat template: the template's text before the user's message, its end of the user turn
+    and assistant header after the prompt, and its end-of-turn token (Qwen's <|im_end|>), read off the template
+    rendered around placeholders."""
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]

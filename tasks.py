@@ -319,7 +319,7 @@ class LMTask(BaseTask):
     positions), the text a new tokenizer is trained on (`training_texts`) and how a sample becomes a prompt
     (`collate`, through `pack`). `self.token` maps the markers and "<eos>", "<pad>" to ids: a pretrained
     tokenizer keeps its own eos (what its LM learned to end text with) and pad (its eos where it has none: only
-    ever at masked, unlabelled positions), and every prompt starts as it starts a text (its bos, if it adds one).
+    ever at masked, unlabelled positions), and every sequence starts with its bos, if it has one (prompt_tokens).
     `self.separator` ends a segment inside a prompt (a dialogue turn): <eos>, as in LAVIS's dialogue; nothing in a
     chat template's user turn, which an end-of-turn token would end.
     """

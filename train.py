@@ -371,7 +371,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TaskConfig, fused: bool) -> tor
     """AdamW over the parameters that train: a frozen one is not in it at all (weight decay would still move it).
     Weight decay on matrices (linear/embedding weights) only, not on biases and norm scales. The parts the model
     declares (`parts()`) have their own learning rates; the rest (projector, new embeddings, heads): --lr."""
-    rates, parts = {"lm": cfg.model.lm_lr, "vision": cfg.model.vision_lr}, part_of(model)
+    rates, parts = {"lm": cfg.model.lm_rate(cfg.lr), "vision": cfg.model.vision_lr}, part_of(model)
     groups = {}
     for p in model.parameters():
         if p.requires_grad:

@@ -127,6 +127,26 @@ def test_freeze_lm_leaves_the_lm_bitwise_unchanged_and_trains_the_rest(roots, di
     assert sum(len(g["params"]) for g in ckpt(run)["optimizer"]["param_groups"]) == len(trainable)  # frozen: not in it
 
 
+def test_pretrained_weights_train_at_a_fine_tuning_rate_new_weights_at_lr(roots, tmp_path):
+    """--model.lm-lr unset: a pretrained LM trained in full at the lower of --lr and 1e-4, the projector (and
+    markers) at --lr; LoRA's adapters at --lr; a given --model.lm-lr wins; the small model: --lr throughout."""
+
+    def rates(family: str, *flags) -> tuple[float, set[float]]:
+        _, model, _ = fresh_model(roots, family, tmp_path, *flags)
+        optimizer = train.build_optimizer(
+            model, train.parse_config(argv(roots, "dialogue", family, tmp_path, *flags))[1], False
+        )
+        lr = {p: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        lm = {lr[p] for name, p in model.named_parameters() if name.startswith("lm.") and p.requires_grad}
+        return lr[model.projector[0].weight], lm
+
+    assert rates("gpt2") == (3e-3, {1e-4})  # COMMON's --lr 3e-3
+    assert rates("gpt2", "--lr", "2e-5") == (2e-5, {2e-5})
+    assert rates("gpt2", "--model.lm-lr", "5e-4") == (3e-3, {5e-4})
+    assert rates("mistral") == (3e-3, {3e-3})  # LoRA
+    assert models.ModelConfig().lm_rate(1e-3) == 1e-3
+
+
 def test_lora_trains_only_the_adapters(roots, dialogue_runs):
     run = dialogue_runs("qwen2")
     _, model, _ = fresh_model(roots, "qwen2", run)
