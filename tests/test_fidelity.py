@@ -13,7 +13,7 @@ import tasks
 import train
 
 COMMON = ["--batch-size", "4", "--eval-batch-size", "2", "--num-beams", "1", "--max-len", "6"]
-COMMON += ["--data.num-workers", "0", "--warmup-steps", "0", "--lr", "3e-3"]
+COMMON += ["--data.num-workers", "0", "--warmup-steps", "0", "--lr", "3e-3", "--model.lm-lr", "3e-3"]  # random LMs
 
 
 @pytest.fixture(scope="module")
