@@ -5,6 +5,7 @@ import dataclasses
 import json
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 from conftest import ROOT, run_train
@@ -202,3 +203,11 @@ def comparable_weights(state: dict) -> dict:
             third = len(value) // 3
             out[name] = torch.cat([value[:third], value[2 * third :]])
     return out
+
+
+def pixel_root(root: Path, make, splits: dict, sizes: dict) -> Path:
+    """An embedded pixel dataset cut to `sizes` (no test split)."""
+    with mock.patch.dict(splits, sizes):
+        make(root, pixels=True)
+    (root / "annotations" / "test.json").unlink()
+    return root

@@ -7,13 +7,12 @@ import json
 import shutil
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import faulty
 import numpy as np
 import pytest
 import torch
-from helpers import read_metrics, train_ok
+from helpers import pixel_root, read_metrics, train_ok
 
 import data
 import embedded
@@ -52,14 +51,6 @@ def towers(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(base / name)
         processor.save_pretrained(base / name)
     return {name: base / name for name in made}
-
-
-def pixel_root(root: Path, make, splits: dict, sizes: dict) -> Path:
-    """An embedded pixel dataset cut to `sizes` (no test split)."""
-    with mock.patch.dict(splits, sizes):
-        make(root, pixels=True)
-    (root / "annotations" / "test.json").unlink()
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,11 @@ import math
 import shutil
 from functools import cache
 from pathlib import Path
-from unittest import mock
 
 import faulty
 import pytest
 import torch
-from helpers import generate_batched_and_alone, read_metrics, train_ok
+from helpers import generate_batched_and_alone, pixel_root, read_metrics, train_ok
 
 import data
 import embedded
@@ -184,14 +183,6 @@ def has_torchvision() -> bool:
 # Qwen2-VL's processor holds a video processor, which needs torchvision (requirements-dev.txt).
 NATIVE_VIDEO = pytest.mark.skipif(not has_torchvision(), reason="Qwen2-VL's video processor needs torchvision")
 FAMILIES = ["llava", "idefics3", "blip2", "paligemma", pytest.param("qwen2_vl", marks=NATIVE_VIDEO)]
-
-
-def pixel_root(root: Path, make, splits: dict, sizes: dict) -> Path:
-    """An embedded pixel dataset cut to `sizes` (no test split)."""
-    with mock.patch.dict(splits, sizes):
-        make(root, pixels=True)
-    (root / "annotations" / "test.json").unlink()
-    return root
 
 
 @pytest.fixture(scope="module")
