@@ -935,13 +935,13 @@ class ChatFormat:
         if train:
             answers = [self.answer_ids(p, c.answer) for p, c in zip(prompts, conversations, strict=True)]
             batch["labels"] = self.labels(batch, answers)
-            labelled = batch["labels"] != -100  # the positions from the first label on (a number, kept on the host)
+            labelled = batch["labels"] != IGNORE  # the positions from the first label on (a number, kept on the host)
             batch["answer_span"] = labelled.shape[1] - int(labelled.int().argmax(1).min())
         return batch
 
     def labels(self, batch: dict, answers: list[list[int]]) -> torch.Tensor:
-        """-100 but on each row's answer tokens: the last of its (right-padded) tokens."""
-        ids, labels = batch["input_ids"], torch.full_like(batch["input_ids"], -100)
+        """IGNORE but on each row's answer tokens: the last of its (right-padded) tokens."""
+        ids, labels = batch["input_ids"], torch.full_like(batch["input_ids"], IGNORE)
         for row, (answer, length) in enumerate(zip(answers, batch["attention_mask"].sum(1).tolist(), strict=True)):
             if ids[row, length - len(answer) : length].tolist() != answer:
                 found = self.tokenizer.decode(ids[row, max(0, length - len(answer) - 3) : length])
@@ -1037,7 +1037,7 @@ class VLM(nn.Module):
         return nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, -keep:], reduction="none")
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.token_losses(batch).sum(), (batch["labels"][:, 1:] != -100).sum()
+        return self.token_losses(batch).sum(), (batch["labels"][:, 1:] != IGNORE).sum()
 
     @torch.no_grad()
     def log_likelihood(self, batch: dict) -> torch.Tensor:
