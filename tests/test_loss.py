@@ -5,10 +5,10 @@ through training and an exact resume, a training step reads nothing back from th
 compiling after its first batches."""
 
 import copy
+import re
 import traceback
 from contextlib import nullcontext
 from functools import partial
-from pathlib import Path
 from unittest import mock
 
 import faulty
@@ -347,7 +347,12 @@ class HostReads(TorchDispatchMode):
             i is not None and i.dtype == torch.bool for i in indices
         ):
             caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
-            self.found.append(f"{name} in {Path(caller.filename).name}:{caller.lineno} {caller.name}")
+            where = (
+                caller.filename.rpartition("site-packages/")[2]
+                if "/transformers/" in caller.filename
+                else caller.filename
+            )
+            self.found.append(f"{name} in {where}:{caller.lineno} {caller.name}")
         return func(*args, **(kwargs or {}))
 
 
@@ -357,7 +362,7 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_transformers_pac
     runs no op that reads a value back to the host or makes a shape from values, for every family and its flags, but
     one in transformers: given no mask, it checks the position ids it makes itself for packed sequences (under
     torch.compile it does not: see test_compile_stops_compiling_after_warm_up). With the padding mask, as before,
-    transformers reads it twice; log_likelihood (evaluation) finds its positions with nonzero."""
+    transformers reads it (5.25: twice); log_likelihood (evaluation) finds its positions with nonzero."""
     flags = ["--model.video-loss-weight", "0.5", "--batch-size", "4", "--max-grad-norm", "1"]
     args = ["dialogue", *TINY, *flags] if family == "small" else [*family_args(roots, family), *flags]
     task, model, datasets = build(args, tmp_path / "tokenizer")
@@ -369,13 +374,16 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_transformers_pac
     with HostReads() as reads:
         stats = train.forward_backward(model, task, iter([batch]), cfg, nullcontext(), torch.device("cpu"), [])
         state.update(stats, 1)
-    packing = "aten::_local_scalar_dense in masking_utils.py:761 find_packed_sequence_indices"
-    assert reads.found in ([], [packing])
+    # at most one read, inside transformers: 5.25's packing check (5.0: its sdpa mask check, for some families)
+    inside = re.compile(
+        r"aten::_local_scalar_dense in transformers/\S+ (find_packed_sequence_indices|_ignore_causal_mask_sdpa)"
+    )
+    assert len(reads.found) <= 1 and all(inside.fullmatch(found) for found in reads.found), reads.found
     assert stats[1] > 0 and any(p.grad is None for p in model.parameters())  # stepped, then zeroed
 
     with HostReads() as reads, torch.no_grad():
         model.hidden_states(batch)  # with the padding mask
-    assert len(reads.found) == 2 and all("masking_utils.py" in found for found in reads.found), reads.found
+    assert reads.found and all("transformers/" in found for found in reads.found), reads.found  # 5.25: twice
     with HostReads() as reads:
         model.log_likelihood(batch)
     assert any(found.startswith("aten::nonzero") for found in reads.found)
