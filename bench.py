@@ -2,10 +2,10 @@
 path keep up, does evaluation scale over ranks, how fast does it start, how does cost grow with the dataset.
 
     pip install -r requirements.txt -r requirements-bench.txt
-    python bench.py                    # everything (12-25 min on 2 CPU cores); --only startup loop loop-llama
-                                       # data eval pixels video gpu gpu-eval gpu-qwen2 gpu-pixels
+    python bench.py                    # everything (15-30 min on 2 CPU cores); --only startup loop loop-llama
+                                       # loop-vlm data eval pixels video gpu gpu-eval gpu-qwen2 gpu-pixels gpu-vlm
     bash bench_gpu.sh [SECTION]        # the gpu sections, unattended, Python and packages set up (see the script)
-    python bench.py --only gpu gpu-eval gpu-qwen2 gpu-pixels --smoke    # their code paths, tiny, on a CPU
+    python bench.py --only gpu gpu-eval gpu-qwen2 gpu-pixels gpu-vlm --smoke    # their code paths, tiny, on a CPU
 
 Every comparison runs in ONE process (or one machine, for subprocesses) with the same thread settings
 (`--threads`, also exported as OMP_NUM_THREADS to subprocesses), the same model and the same batches. Timings are
@@ -17,6 +17,8 @@ Sections:
            feature sizes; loss after N steps
   loop-llama  the same with a Llama-family model of about the same cost per step (random init, saved with
            save_pretrained, loaded with --model.name)
+  loop-vlm  the same with a LLaVA-shaped VLM (CLIP tower, projector, Llama; random init, saved with its processor,
+           loaded with --model.name) of about the same cost per step, captioning the embedded images
   data     DataLoader batches/s vs training steps/s at real feature sizes (in turns, in one process); peak RSS
            of that process and its workers at 1x and 10x the dataset;
            time per epoch and peak RSS of a real train.py run at 1x, 4x, 16x
@@ -34,6 +36,8 @@ Sections:
   gpu-eval  beam-search samples/s (3 and 5 beams) of train.py's evaluation vs a bare `generate`, same model, inputs
   gpu-qwen2  a Qwen2-0.5B-shaped LM: full fine-tuning, --model.lora-r 16, --model.freeze-lm, eager and --compile
   gpu-pixels  the pixels ratios for a frozen ViT-B/16 on the GPU: captioning from JPEGs, dialogue from videos
+  gpu-vlm  a LLaVA-shaped VLM (frozen ViT-B/16 at 224 px, a 200M Llama) captioning the embedded images: tokens/s,
+           MFU, peak memory, eager, against a bare loop on the same model and batches
 """
 
 import argparse
@@ -192,6 +196,17 @@ def training_batches(task, dataset, cfg) -> Iterator[dict]:
         yield from loader
 
 
+def heldout_samples(dataset) -> Iterator[dict]:
+    """The split's samples as training collates them: a captioning val sample (an image and its `references`, no
+    `caption`) once per reference."""
+    for j in range(len(dataset)):
+        sample = dataset[j]
+        if "caption" in sample or "references" not in sample:
+            yield sample
+        else:
+            yield from ({**sample, "caption": reference} for reference in sample["references"])
+
+
 def heldout_loss(model, task, dataset) -> float:
     """Token-mean loss on the val split (collated as training batches): compares models after the same steps."""
     import torch
@@ -200,10 +215,10 @@ def heldout_loss(model, task, dataset) -> float:
 
     model.eval()
     total = count = 0.0
+    samples = heldout_samples(dataset)
     with torch.no_grad():
-        for i in range(0, len(dataset), 32):
-            batch = task.collate([dataset[j] for j in range(i, min(i + 32, len(dataset)))], train=True)
-            batch = train.to_device(batch, next(model.parameters()).device)
+        while chunk := list(itertools.islice(samples, 32)):
+            batch = train.to_device(task.collate(chunk, train=True), next(model.parameters()).device)
             loss_sum, n = model(batch)
             total, count = total + loss_sum.item(), count + n.item()
     model.train()
@@ -236,17 +251,25 @@ def interleaved_train_main(argv: list[str], work: Path, steps: int):
 
 def bench_loop(args, work: Path, lm: str = "gpt2") -> dict:
     """`lm`: gpt2, the small GPT-2 train.py builds by default; llama, a Llama-family model of about the same cost
-    per step loaded with --model.name (see save_llama)."""
+    per step loaded with --model.name (see save_llama); both on dialogue (--loop-data). llava: a LLaVA-shaped VLM
+    of about the same cost per step (save_llava, llava_sizes("cpu")), --model.name, captioning the embedded pixel
+    data (vlm_root: 160 images, 320 captions, 20 steps an epoch; 40 val images, 120 references)."""
     steps, window = args.steps, args.window
     out = work / f"ours-{lm}"
-    argv = (
-        ["dialogue"] if args.loop_data == "embedded" else ["dialogue", "--data.root", str(real_size_root(args, work))]
-    )
+    captions = vlm_root(work / "captions", 160) if lm == "llava" else None
+    if captions is not None:
+        argv = ["captioning", "--data.root", str(captions)]
+    elif args.loop_data == "embedded":
+        argv = ["dialogue"]
+    else:
+        argv = ["dialogue", "--data.root", str(real_size_root(args, work))]
     argv += ["--max-steps", str(steps), "--log-every", str(window), "--eval-every", str(steps)]
     argv += ["--output-dir", str(out), "--overwrite", "--num-beams", "1", "--no-report-metric"]
     argv += ["--model.dropout", str(args.dropout), "--wandb.mode", "disabled", "--data.cache-dir", str(work / "cache")]
     if lm == "llama":
         argv += ["--model.name", str(save_llama(argv, work / "llama"))]
+    if lm == "llava":
+        argv += ["--model.name", str(save_llava(captions, work / "llava", "cpu"))]
     argv += shlex.split(args.train_flags)
     ours, bare, (task, datasets, model0, cfg) = interleaved_train_main(argv, work / f"side-{lm}", steps)
     ours_model = load_trained(copy.deepcopy(model0), out / "ckpt_last.pt")
@@ -312,6 +335,51 @@ def save_llama(argv: list[str], directory: Path) -> Path:
     task = TASKS[name][0](cfg)
     texts = task.training_texts(task.build_datasets()["train"])
     return save_lm_family("llama", directory, width=160, positions=512, texts=texts, vocab_size=cfg.model.vocab_size)
+
+
+def vlm_root(root: Path, train_images: int) -> Path:
+    """The embedded captioning data with its images (tests/helpers.pixel_root): `train_images` 64x48 JPEGs, two
+    captions each, and 40 val images, three references each."""
+    import embedded
+
+    sys.path.insert(0, str(HERE / "tests"))
+    from helpers import pixel_root
+
+    if not root.is_dir():
+        pixel_root(root, embedded.make_embedded_captions, embedded.CAPTIONS_SPLITS, {"train": train_images, "val": 40})
+    return root
+
+
+def llava_sizes(size: str) -> tuple[dict, dict]:
+    """LlamaConfig and CLIPVisionConfig fields of the LLaVA-shaped model, over tests/test_vlm.save_family's tiny ones
+    (`tiny`: those; --smoke). `cpu` (loop-vlm): a Llama of 4 layers, width 192, 2 query heads sharing 1 key/value
+    head, SwiGLU MLP 384 wide, under a 2-layer CLIP tower of width 128 at 64 px in 8-px patches (64 image tokens:
+    the embedded images at their own size): a step of about 0.35 s on one CPU thread. `gpu`: a Llama of 12 layers,
+    width 1024, 16 query heads sharing 4, MLP 2816, Llama's 32,000 embeddings (untied), under CLIP's ViT-B/16 at
+    224 px (196 image tokens), as LLaVA-1.5 puts a ViT-L/14 at 336 px under Llama 2."""
+    if size == "tiny":
+        return {}, {}
+    if size == "cpu":
+        lm = dict(hidden_size=192, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2)
+        return lm, dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, image_size=64, patch_size=8)
+    lm = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16)
+    lm |= dict(num_key_value_heads=4, vocab_size=32000)
+    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    return lm, vision | dict(image_size=224, patch_size=16)
+
+
+def save_llava(root: Path, directory: Path, size: str) -> Path:
+    """A LLaVA-shaped VLM (random init: CLIP vision tower, MLP projector, Llama LM; llava_sizes(size)) and its
+    processor (a Llama-style tokenizer trained on the captioning prompt and `root`'s annotations, LLaVA-1.5's chat
+    template, CLIP's image processor), saved with save_pretrained as a hub download is: tests/test_vlm builds it."""
+    import tasks
+
+    sys.path.insert(0, str(HERE / "tests"))
+    from test_vlm import save_family
+
+    texts = [tasks.CaptioningTask.PROMPT]
+    texts += [json.dumps(json.loads((root / "annotations" / f"{s}.json").read_text())) for s in ("train", "val")]
+    return save_family("llava", directory, texts * 2, *llava_sizes(size))
 
 
 def hf_trainer_run(args, cfg, task, datasets, model, work: Path):
@@ -1241,6 +1309,25 @@ def bench_gpu_qwen2(args, work: Path, result: dict, save) -> None:
         measure(result["runs"], f"{way} {mode}", partial(train_and_bare, args, argv, device, 0, profile), save)
 
 
+def bench_gpu_vlm(args, work: Path, result: dict, save) -> None:
+    """A LLaVA-shaped VLM (llava_sizes("gpu"): CLIP's ViT-B/16 at 224 px, frozen as by default, under a Llama of
+    about 200M parameters; random init, loaded with --model.name; --smoke: tests/test_vlm's tiny one) captioning
+    the embedded pixel data (vlm_root: --vlm-images 64x48 JPEGs, two captions each, decoded and put through the
+    processor in --gpu-workers loader workers) at --vlm-batch, eager (gpu_run: tokens/s, MFU, peak memory), then a
+    bare loop on its model and 6 of its batches on the device (train_and_bare). --profile: the bare loop's table."""
+    device = train_device()
+    root = vlm_root(work / "captions-gpu", args.vlm_images)
+    argv = ["captioning", "--data.root", str(root), "--data.num-workers", str(args.gpu_workers)]
+    argv += ["--model.name", str(save_llava(root, work / "llava-gpu", "tiny" if args.smoke else "gpu"))]
+    argv += ["--batch-size", str(args.vlm_batch), "--max-steps", str(args.gpu_steps), "--max-epochs", "1000"]
+    argv += ["--log-every", str(args.gpu_log_every), "--eval-every", str(args.gpu_steps), "--num-beams", "1"]
+    argv += ["--max-len", "5", "--no-report-metric", "--wandb.mode", "disabled"]
+    argv += ["--output-dir", str(work / "llava-gpu-eager"), "--overwrite", *shlex.split(args.gpu_flags)]
+    result |= gpu_header(args, device) | {"batch_size": args.vlm_batch, "train_images": args.vlm_images}
+    profile = profile_path(args, "gpu-vlm")
+    measure(result["runs"], "eager", partial(train_and_bare, args, argv, device, 3, profile), save)
+
+
 def bench_gpu_eval(args, work: Path, result: dict, save) -> None:
     """Beam-search evaluation of GPT-2 124M on dialogue (--gpu-eval-dialogs val dialogs, batches of
     --gpu-eval-batch, every answer --gpu-eval-len tokens long), 3 and 5 beams: train.py's evaluation (train.main
@@ -1400,7 +1487,7 @@ def pixel_rows(r: dict, p: str, loader_target: str) -> list[tuple[str, str, str]
 
 def gpu_rows(results: dict) -> list[tuple[str, str, str]]:
     rows = []
-    for key, what in (("gpu", "GPT-2"), ("gpu-qwen2", "Qwen2-0.5B-shaped")):
+    for key, what in (("gpu", "GPT-2"), ("gpu-qwen2", "Qwen2-0.5B-shaped"), ("gpu-vlm", "LLaVA-shaped")):
         if "device" in results.get(key, {}):
             r = results[key]
             rows.append((f"{key}: device (torch)", r["device"], r["torch"]))
@@ -1431,7 +1518,7 @@ def table(results: dict) -> str:
     rows = [failed(k, r) for k, r in results.items() if isinstance(r, dict) and "error" in r]
     gpu = {k: r for k, r in results.items() if k.startswith("gpu")}  # a section stopped midway: what it measured
     results = {k: r for k, r in results.items() if not (isinstance(r, dict) and "error" in r)}
-    for key in ("loop", "loop-llama"):
+    for key in ("loop", "loop-llama", "loop-vlm"):
         if key in results:
             rows += loop_rows(results[key], key)
     if "data" in results:
@@ -1508,26 +1595,37 @@ def table(results: dict) -> str:
 # --smoke: every GPU section's code path at tiny sizes, in a minute or two each on a CPU (a GPU if there is one).
 SMOKE = dict(frames=12, repeats=1, gpu_steps=8, gpu_log_every=2, gpu_warmup=2, gpu_batches=[2], gpu_workers=1)
 SMOKE |= dict(qwen_batch=2, gpu_eval_dialogs=8, gpu_eval_batch=4, gpu_eval_len=4, gpu_images=16, gpu_videos=2)
-SMOKE |= dict(gpu_pixel_batch=8, gpu_pixel_workers=1, gpu_pixel_steps=3)
+SMOKE |= dict(gpu_pixel_batch=8, gpu_pixel_workers=1, gpu_pixel_steps=3, vlm_batch=2, vlm_images=16)
 
 
 def add_gpu_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--smoke", action="store_true", help="gpu sections: tiny models and data, few steps; on the CPU without a GPU")
-    add("--profile", action="store_true", help="gpu, gpu-qwen2: torch.profiler's top 30 of 6 bare-loop steps")
-    add("--gpu-steps", type=int, default=150, help="gpu, gpu-qwen2: training steps per run")
-    add("--gpu-log-every", type=int, default=25, help="gpu, gpu-qwen2: steps per logged window")
-    add("--gpu-warmup", type=int, default=25, help="gpu, gpu-qwen2: first steps left out (warm-up, compiling)")
-    add("--gpu-budget", type=float, default=12, help="gpu, gpu-qwen2: seconds a run trains after its first window")
+    add("--profile", action="store_true", help="gpu, gpu-qwen2, gpu-vlm: torch.profiler's top 30 of 6 bare-loop steps")
+    add("--gpu-steps", type=int, default=150, help="gpu, gpu-qwen2, gpu-vlm: training steps per run")
+    add("--gpu-log-every", type=int, default=25, help="gpu, gpu-qwen2, gpu-vlm: steps per logged window")
+    add("--gpu-warmup", type=int, default=25, help="gpu, gpu-qwen2, gpu-vlm: first steps left out (warm-up, compiling)")
+    add(
+        "--gpu-budget",
+        type=float,
+        default=12,
+        help="gpu, gpu-qwen2, gpu-vlm: seconds a run trains after its first window",
+    )
     add("--gpu-batches", type=int, nargs="+", default=[16, 64, 128], help="gpu: batch sizes")
     add(
         "--gpu-workers",
         type=int,
         default=min(8, os.cpu_count() or 1),
-        help="gpu, gpu-qwen2: DataLoader workers (a batch at real feature sizes is 54 MB: 2 cannot feed a GPU)",
+        help="gpu, gpu-qwen2, gpu-vlm: DataLoader workers (a batch at real AVSD sizes is 54 MB: 2 cannot feed a GPU)",
     )
-    add("--gpu-flags", default="", help="gpu, gpu-qwen2: extra train.py flags, e.g. --gpu-flags='--grad-accum 2'")
+    add(
+        "--gpu-flags",
+        default="",
+        help="gpu, gpu-qwen2, gpu-vlm: extra train.py flags, e.g. --gpu-flags='--grad-accum 2'",
+    )
     add("--qwen-batch", type=int, default=16, help="gpu-qwen2: batch size")
+    add("--vlm-batch", type=int, default=32, help="gpu-vlm: batch size")
+    add("--vlm-images", type=int, default=1024, help="gpu-vlm: training images (two captions each)")
     add("--gpu-eval-dialogs", type=int, default=256, help="gpu-eval: val dialogs evaluated")
     add("--gpu-eval-batch", type=int, default=64, help="gpu-eval: evaluation batch size")
     add("--gpu-eval-len", type=int, default=20, help="gpu-eval: tokens generated per answer (min and max)")
@@ -1546,8 +1644,9 @@ def write_json(path: Path | None, results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    everything = ["startup", "loop", "loop-llama", "data", "eval", "pixels", "video", "gpu", "gpu-eval", "gpu-qwen2"]
-    parser.add_argument("--only", nargs="+", choices=[*everything, "gpu-pixels"], default=[*everything, "gpu-pixels"])
+    everything = ["startup", "loop", "loop-llama", "loop-vlm", "data", "eval", "pixels", "video"]
+    everything += ["gpu", "gpu-eval", "gpu-qwen2", "gpu-pixels", "gpu-vlm"]
+    parser.add_argument("--only", nargs="+", choices=everything, default=everything)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (and OMP_NUM_THREADS) everywhere")
     parser.add_argument("--steps", type=int, default=120, help="loop: training steps per contender")
     parser.add_argument(
@@ -1605,13 +1704,14 @@ def main() -> None:
             "startup": lambda: bench_startup(args, work, env),
             "loop": lambda: bench_loop(args, work),
             "loop-llama": lambda: bench_loop(args, work, "llama"),
+            "loop-vlm": lambda: bench_loop(args, work, "llava"),
             "data": lambda: bench_data(args, work, env),
             "eval": lambda: bench_eval(args, work, env),
             "pixels": lambda: bench_pixels(args, work, env),
             "video": lambda: bench_video(args),
         }
         gpu = {"gpu": bench_gpu, "gpu-eval": bench_gpu_eval, "gpu-qwen2": bench_gpu_qwen2}
-        gpu["gpu-pixels"] = bench_gpu_pixels
+        gpu |= {"gpu-pixels": bench_gpu_pixels, "gpu-vlm": bench_gpu_vlm}
         for name in args.only:
             if name in gpu and not (torch.cuda.is_available() or args.smoke):
                 print(f"[{name}: skipped] no GPU: torch.cuda.is_available() is False (--smoke: small, on CPU)")

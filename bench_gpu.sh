@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The GPU benchmark as one unattended command (bench.py's gpu sections; under 9 minutes on one H100/H200-class GPU):
+# The GPU benchmark as one unattended command (bench.py's gpu sections; under 10 minutes on one H100/H200-class GPU):
 #
-#   bash bench_gpu.sh [SECTION...] [bench.py flags]  # SECTION: gpt2 eval qwen2 pixels (default: all four, in order)
+#   bash bench_gpu.sh [SECTION...] [bench.py flags]  # SECTION: gpt2 eval qwen2 pixels vlm (default: all, in order)
 #   bash bench_gpu.sh wheels                          # where pip reaches its registry: fill .whl/ for an offline GPU
 #   bash bench_gpu.sh pixels --smoke                  # any machine: the code paths at tiny sizes (on the CPU if no GPU)
 #
 # Sections: gpt2 (GPT-2 124M dialogue at batch 16, 64, 128, eager and --compile, against a bare loop, with
 # --profile), eval (beam search against a bare generate), qwen2 (a Qwen2-0.5B-shaped LM three ways, with --profile),
-# pixels (ViT-B/16 on JPEGs and on videos). Each runs as its own bench.py process under a time limit in seconds
-# (LIMIT_GPT2=210 LIMIT_EVAL=40 LIMIT_QWEN2=180 LIMIT_PIXELS=90; all together at most LIMIT_ALL=520): a section that
-# fails or runs out of time is reported and the next one still runs (exit status 1 if any did). Results in $OUT
+# pixels (ViT-B/16 on JPEGs and on videos), vlm (a LLaVA-shaped VLM captioning, eager, against a bare loop). Each runs
+# as its own bench.py process under a time limit in seconds (LIMIT_GPT2=210 LIMIT_EVAL=40 LIMIT_QWEN2=180
+# LIMIT_PIXELS=90 LIMIT_VLM=55; all together at most LIMIT_ALL=575): a section that fails or runs out of time is
+# reported and the next one still runs (exit status 1 if any did). Results in $OUT
 # (./ when unset): gpu-SECTION.json, rewritten after every measurement, so a section stopped midway keeps what it
 # measured; profile-gpu*.txt; and all that was printed, in gpu.log.
 #
@@ -32,8 +33,8 @@ if [ "${1:-}" = wheels ]; then  # the versions this project was tested with; PyA
 fi
 
 sections=()
-while [ $# -gt 0 ] && [[ " gpt2 eval qwen2 pixels " == *" $1 "* ]]; do sections+=("$1"); shift; done
-[ ${#sections[@]} -gt 0 ] || sections=(gpt2 eval qwen2 pixels)
+while [ $# -gt 0 ] && [[ " gpt2 eval qwen2 pixels vlm " == *" $1 "* ]]; do sections+=("$1"); shift; done
+[ ${#sections[@]} -gt 0 ] || sections=(gpt2 eval qwen2 pixels vlm)
 smoke=$([[ " $* " == *" --smoke "* ]] && echo 1 || true)
 
 PY=${PYTHON:-python3}
@@ -73,11 +74,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 # The loader workers' batches (54 MB each) cross through /dev/shm.
 df -h /dev/shm 2>&1 | tail -1 | tee -a "$out/gpu.log" || true
 declare -A only=([gpt2]="gpu --profile" [eval]=gpu-eval [qwen2]="gpu-qwen2 --profile" [pixels]=gpu-pixels)
+only[vlm]=gpu-vlm
 declare -A limit=([gpt2]=${LIMIT_GPT2:-210} [eval]=${LIMIT_EVAL:-40} [qwen2]=${LIMIT_QWEN2:-180})
-limit[pixels]=${LIMIT_PIXELS:-90}
+limit[pixels]=${LIMIT_PIXELS:-90} limit[vlm]=${LIMIT_VLM:-55}
 status=0
 for section in "${sections[@]}"; do
-    left=$((${LIMIT_ALL:-520} - SECONDS))
+    left=$((${LIMIT_ALL:-575} - SECONDS))
     seconds=$((limit[$section] < left ? limit[$section] : left))
     if [ "$seconds" -le 10 ]; then
         echo "bench_gpu.sh: $section not run: LIMIT_ALL spent" | tee -a "$out/gpu.log"

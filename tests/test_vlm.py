@@ -78,8 +78,12 @@ def tokenizer(texts: list[str], specials: list[str], bos: str | None, eos: str, 
     return tok
 
 
-def save_family(family: str, directory: Path, texts: list[str]) -> Path:
-    """A tiny random-init `family` VLM and its processor, saved into `directory` as a hub download is on disk."""
+def save_family(
+    family: str, directory: Path, texts: list[str], lm: dict | None = None, vision: dict | None = None
+) -> Path:
+    """A tiny random-init `family` VLM and its processor, saved into `directory` as a hub download is on disk. `lm`,
+    `vision` (llava only; bench.py's bigger ones): LlamaConfig and CLIPVisionConfig fields over the tiny ones, the
+    image processor and the processor following vision's image_size and patch_size."""
     import transformers as hf
     from transformers.models.blip import image_processing_pil_blip as blip
     from transformers.models.clip import image_processing_pil_clip as clip
@@ -90,16 +94,24 @@ def save_family(family: str, directory: Path, texts: list[str]) -> Path:
             zip(("bos_token_id", "eos_token_id", "pad_token_id"), tok.convert_tokens_to_ids(tokens), strict=True)
         )
 
+    if (lm or vision) and family != "llava":
+        raise ValueError(f"save_family sizes llava only, not {family}")
     torch.manual_seed(0)
     if family == "llava":
+        lm, vision = {**LLAMA, **(lm or {})}, {**VISION, **(vision or {})}
         tok = tokenizer(texts, ["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>", True)
-        images = clip.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        side = vision["image_size"]
+        images = clip.CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
         processor = hf.LlavaProcessor(
-            images, tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1
+            images,
+            tok,
+            patch_size=vision["patch_size"],
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
         )
-        text = hf.LlamaConfig(vocab_size=len(tok), **LLAMA, **ids("<s>", "</s>", "<pad>"))
+        text = hf.LlamaConfig(**{"vocab_size": len(tok), **lm}, **ids("<s>", "</s>", "<pad>"))
         config = hf.LlavaConfig(
-            vision_config=hf.CLIPVisionConfig(**VISION),
+            vision_config=hf.CLIPVisionConfig(**vision),
             text_config=text,
             image_token_id=tok.convert_tokens_to_ids("<image>"),
         )
