@@ -9,7 +9,7 @@
 # --profile), eval (beam search against a bare generate), qwen2 (a Qwen2-0.5B-shaped LM three ways, with --profile),
 # pixels (ViT-B/16 on JPEGs and on videos), vlm (a LLaVA-shaped VLM captioning, eager, against a bare loop). Each runs
 # as its own bench.py process under a time limit in seconds (LIMIT_GPT2=210 LIMIT_EVAL=40 LIMIT_QWEN2=180
-# LIMIT_PIXELS=90 LIMIT_VLM=55; all together at most LIMIT_ALL=575): a section that fails or runs out of time is
+# LIMIT_PIXELS=90 LIMIT_VLM=55; all together at most LIMIT_ALL=560): a section that fails or runs out of time is
 # reported and the next one still runs (exit status 1 if any did). Results in $OUT
 # (./ when unset): gpu-SECTION.json, rewritten after every measurement, so a section stopped midway keeps what it
 # measured; profile-gpu*.txt; and all that was printed, in gpu.log.
@@ -17,15 +17,16 @@
 # Which Python: $PYTHON if set; else python3 when its torch sees a GPU (an image that ships CUDA torch is used as
 # it is, whatever its torch version); else, on a machine with a GPU, the venv .venv-gpu with requirements.txt and
 # requirements-bench.txt (on Linux pip resolves torch to its CUDA wheels). What that Python still lacks (on such
-# an image: tyro and its dependencies, PyAV) goes into .bench-site/, from the wheels in .whl/ if there are any (no
-# network needed), else from the registry. Run again, nothing is reinstalled. Without a GPU (and without --smoke)
+# an image: tyro and its dependencies, PyAV, pytest: bench.py builds its models with tests/) goes into
+# .bench-site/, from the wheels in .whl/ if there are any (no network needed), else from the registry. Run again, nothing is reinstalled. Without a GPU (and without --smoke)
 # it says so in one line and exits 0.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 if [ "${1:-}" = wheels ]; then  # the versions this project was tested with; PyAV's wheel: CPython >= 3.11, x86-64
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl \
-        tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 typing-extensions==4.16.0
+        tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 typing-extensions==4.16.0 \
+        pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl av==18.1.0
     ls .whl
@@ -52,7 +53,8 @@ export PYTHONPATH="$PWD/.bench-site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED
 missing=$("$PY" -c '
 import importlib.util as u
 need = {"tyro": "tyro", "docstring_parser": "docstring-parser", "typeguard": "typeguard", "yaml": "pyyaml",
-        "tqdm": "tqdm", "numpy": "numpy", "transformers": "transformers", "tokenizers": "tokenizers", "av": "av"}
+        "tqdm": "tqdm", "numpy": "numpy", "transformers": "transformers", "tokenizers": "tokenizers", "av": "av",
+        "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "pygments": "pygments"}  # tests/ builds models
 print(" ".join(p for m, p in need.items() if u.find_spec(m) is None))')
 if [ -n "$missing" ]; then
     echo "bench_gpu.sh: installing into .bench-site: $missing"
@@ -79,7 +81,7 @@ declare -A limit=([gpt2]=${LIMIT_GPT2:-210} [eval]=${LIMIT_EVAL:-40} [qwen2]=${L
 limit[pixels]=${LIMIT_PIXELS:-90} limit[vlm]=${LIMIT_VLM:-55}
 status=0
 for section in "${sections[@]}"; do
-    left=$((${LIMIT_ALL:-575} - SECONDS))
+    left=$((${LIMIT_ALL:-560} - SECONDS))
     seconds=$((limit[$section] < left ? limit[$section] : left))
     if [ "$seconds" -le 10 ]; then
         echo "bench_gpu.sh: $section not run: LIMIT_ALL spent" | tee -a "$out/gpu.log"
