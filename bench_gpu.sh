@@ -18,8 +18,8 @@
 # it is, whatever its torch version); else, on a machine with a GPU, the venv .venv-gpu with requirements.txt and
 # requirements-bench.txt (on Linux pip resolves torch to its CUDA wheels). What that Python still lacks (on such
 # an image: tyro and its dependencies, PyAV, pytest: bench.py builds its models with tests/) goes into
-# .bench-site/, from the wheels in .whl/ if there are any (no network needed), else from the registry. Run again, nothing is reinstalled. Without a GPU (and without --smoke)
-# it says so in one line and exits 0.
+# .bench-site/, from the wheels in .whl/ if there are any (no network needed), else from the registry. Run again,
+# nothing is reinstalled. Without a GPU (and without --smoke) it says so in one line and exits 0.
 set -euo pipefail
 cd "$(dirname "$0")"
 
