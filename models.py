@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, get_args
 
 import torch
 from torch import nn
@@ -860,6 +860,19 @@ def vlm_config(name: str | None):
     return None
 
 
+def takes_suffix(processor) -> bool:
+    """Whether the processor takes the answer as `suffix` (PaliGemma's, which marks it in token_type_ids): a parameter
+    of its __call__ from transformers 5.23 on, one of its text kwargs before (typed by its valid_processor_kwargs from
+    5.5, by the annotation of its **kwargs before)."""
+    parameters = inspect.signature(processor.__call__).parameters
+    if "suffix" in parameters:
+        return True
+    kinds = [getattr(processor, "valid_processor_kwargs", None)]
+    kinds += get_args(parameters["kwargs"].annotation) if "kwargs" in parameters else []
+    texts = [getattr(kind, "__annotations__", {}).get("text_kwargs") for kind in kinds]
+    return any("suffix" in getattr(text, "__annotations__", {}) for text in texts)
+
+
 class ChatFormat:
     """How a pretrained VLM writes a Conversation, read off its processor. With a chat template: the turns as its user
     and assistant messages, the images (or the video, where the processor has a video processor) in the first one,
@@ -874,7 +887,7 @@ class ChatFormat:
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.chat = bool(getattr(processor, "chat_template", None))
         self.video = getattr(processor, "video_processor", None) is not None
-        self.suffix = "suffix" in inspect.signature(processor.__call__).parameters
+        self.suffix = takes_suffix(processor)
         self.lead, close = "" if self.suffix else " ", ""
         if self.chat:
             turn = Conversation([], ["PROMPT_7f3a"])

@@ -144,3 +144,12 @@ def test_the_transformers_seams_work_on_the_installed_version():
     processor = models.siglip_pil_processor(16)
     pixels = processor(images=[Image.new("RGB", (40, 30))], return_tensors="pt")
     assert pixels["pixel_values"].shape == (1, 3, 16, 16)
+    from test_vlm import tokenizer
+    from transformers import LlavaProcessor, PaliGemmaProcessor
+
+    tok = tokenizer(["a photo"], ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], "<bos>", "<eos>", "<pad>", False)
+    processor.image_seq_length = 4
+    assert models.takes_suffix(
+        PaliGemmaProcessor(processor, tok)
+    )  # 5.23 on a parameter of its __call__, a kwarg before
+    assert not models.takes_suffix(LlavaProcessor(processor, tok, patch_size=8))

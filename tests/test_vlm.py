@@ -78,6 +78,14 @@ def tokenizer(texts: list[str], specials: list[str], bos: str | None, eos: str, 
     return tok
 
 
+def pil_processor(name: str):
+    """The image processor class `name` that works on PIL images: `{name}Pil` where transformers has one (5.5 on),
+    `name` itself before (PIL only): the same numbers whether torchvision is installed or not."""
+    import transformers as hf
+
+    return getattr(hf, f"{name}Pil", None) or getattr(hf, name)
+
+
 def save_family(
     family: str, directory: Path, texts: list[str], lm: dict | None = None, vision: dict | None = None
 ) -> Path:
@@ -85,9 +93,6 @@ def save_family(
     `vision` (llava only; bench.py's bigger ones): LlamaConfig and CLIPVisionConfig fields over the tiny ones, the
     image processor and the processor following vision's image_size and patch_size."""
     import transformers as hf
-    from transformers.models.blip import image_processing_pil_blip as blip
-    from transformers.models.clip import image_processing_pil_clip as clip
-    from transformers.models.idefics3 import image_processing_pil_idefics3 as idefics3
 
     def ids(*tokens):
         return dict(
@@ -101,7 +106,9 @@ def save_family(
         lm, vision = {**LLAMA, **(lm or {})}, {**VISION, **(vision or {})}
         tok = tokenizer(texts, ["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>", True)
         side = vision["image_size"]
-        images = clip.CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        images = pil_processor("CLIPImageProcessor")(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
         processor = hf.LlavaProcessor(
             images,
             tok,
@@ -122,7 +129,7 @@ def save_family(
         tok = tokenizer(
             texts, [*specials, "<global-img>", *grid], "<|im_start|>", "<end_of_utterance>", "<|endoftext|>", False
         )
-        images = idefics3.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+        images = pil_processor("Idefics3ImageProcessor")(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
         processor = hf.Idefics3Processor(images, tok, image_seq_len=4)  # (32 / 8)^2 patches / scale_factor^2
         text = hf.LlamaConfig(
             vocab_size=len(tok), **LLAMA, **ids("<|im_start|>", "<end_of_utterance>", "<|endoftext|>")
@@ -135,7 +142,7 @@ def save_family(
     elif family == "blip2":
         tok = tokenizer(texts, ["<pad>", "</s>", "<unk>", "<image>"], "</s>", "</s>", "<pad>", True)
         processor = hf.Blip2Processor(
-            blip.BlipImageProcessorPil(size={"height": 32, "width": 32}), tok, num_query_tokens=4
+            pil_processor("BlipImageProcessor")(size={"height": 32, "width": 32}), tok, num_query_tokens=4
         )
         text = hf.OPTConfig(
             vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
@@ -163,13 +170,13 @@ def save_family(
         )
         template = None
     elif family == "qwen2_vl":
-        from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as qwen
-
         pads = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
         tok = tokenizer(
             texts, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *pads], None, "<|im_end|>", "<|endoftext|>", False
         )
-        images = qwen.Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=8)
+        images = pil_processor("Qwen2VLImageProcessor")(
+            size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=8
+        )
         processor = hf.Qwen2VLProcessor(images, tok, hf.Qwen2VLVideoProcessor(size=images.size, patch_size=8))
         rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
         text = dict(
@@ -307,6 +314,19 @@ def test_trains_evaluates_with_beam_search_and_resumes_exactly(roots, checkpoint
     ids = {id(p) for p in model.parts()["vision"].parameters()}
     tower = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in ids}
     assert tower and set(a["model"]) == set(model.state_dict()) - tower  # lean: the frozen tower is left out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trains_on_vqa_and_scores_its_answers(roots, checkpoint, family, tmp_path):
+    """VQA from the embedded images through train.py: 3 finite losses, the val questions answered by beam search and
+    scored with the official accuracy (each prediction one of the generated strings the results file holds)."""
+    run = tmp_path / "run"
+    train.main([*argv("vqa", roots, checkpoint, family, "--max-steps", 3, "--report-metric"), "--output-dir", str(run)])
+    assert len(losses(run)) == 3 and all(math.isfinite(v) for v in losses(run).values())
+    scored = [m for m in read_metrics(run) if "val/accuracy" in m]
+    assert scored and 0 <= scored[-1]["val/accuracy"] <= 100
+    results = json.loads((run / "results" / "val_step3.json").read_text())
+    assert len(results) == 6 and all(isinstance(r["prediction"], str) for r in results)  # every val question
 
 
 @pytest.mark.parametrize("family", FAMILIES)
