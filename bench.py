@@ -783,7 +783,8 @@ def make_tower(path: Path, size: str) -> Path:
     """A ViT-S/16 or ViT-B/16 CLIP vision tower at 224 px (random init) and CLIP's image processor, saved; `tiny`:
     2 layers of width 64 at 64 px (smoke runs)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
-    from transformers.models import clip
+
+    import models
 
     width, heads, layers, pixels = {"tiny": (64, 2, 2, 64), "s16": (384, 6, 12, 224), "b16": (768, 12, 12, 224)}[size]
     config = CLIPVisionConfig(
@@ -791,7 +792,7 @@ def make_tower(path: Path, size: str) -> Path:
         image_size=pixels, patch_size=16,
     )  # fmt: skip
     CLIPVisionModel(config).save_pretrained(path)
-    processor = clip.CLIPImageProcessorPil if hasattr(clip, "CLIPImageProcessorPil") else clip.CLIPImageProcessor
+    processor = models.pil_image_processor("CLIPImageProcessor")
     processor(size={"shortest_edge": pixels}, crop_size={"height": pixels, "width": pixels}).save_pretrained(path)
     return path
 

@@ -290,13 +290,13 @@ def checkpoint_activations(model) -> None:
     enable({"use_reentrant": False})
 
 
-def siglip_pil_processor(size: int):
-    """SigLIP's image processor at `size` on PIL (the same numbers whether torchvision is installed or not):
-    SiglipImageProcessorPil where transformers has it, SiglipImageProcessor (PIL only) before."""
-    from transformers.models import siglip
+def pil_image_processor(name: str):
+    """The image processor class `name` (SiglipImageProcessor, CLIPImageProcessor, ...) that works on PIL images,
+    with the same numbers whether torchvision is installed or not: `{name}Pil` where transformers has it (5.5 on),
+    `name` itself before (PIL only then)."""
+    import transformers
 
-    processor = getattr(siglip, "SiglipImageProcessorPil", None) or siglip.SiglipImageProcessor
-    return processor(size={"height": size, "width": size})
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
 
 
 # A causal LM's vocabulary is padded to a multiple of this many rows: the output head's GEMM then runs on whole
@@ -475,7 +475,8 @@ def load_vision(cfg: ModelConfig, seed: int = 0, processor_only: bool = False):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.vision == "small":
-            processor, size = siglip_pil_processor(cfg.vision_size), cfg.vision_size
+            size = cfg.vision_size
+            processor = pil_image_processor("SiglipImageProcessor")(size={"height": size, "width": size})
             width, shape = cfg.vision_width, dict(image_size=size, patch_size=size // 4, vision_use_head=False)
             config = SiglipVisionConfig(
                 hidden_size=width, intermediate_size=4 * width, num_hidden_layers=cfg.vision_layers,

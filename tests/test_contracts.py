@@ -141,7 +141,7 @@ def test_the_transformers_seams_work_on_the_installed_version():
     lm = GPT2LMHeadModel(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=20))
     models.checkpoint_activations(lm)
     assert any(getattr(m, "gradient_checkpointing", False) for m in lm.modules())  # the flag each block reads
-    processor = models.siglip_pil_processor(16)
+    processor = models.pil_image_processor("SiglipImageProcessor")(size={"height": 16, "width": 16})
     pixels = processor(images=[Image.new("RGB", (40, 30))], return_tensors="pt")
     assert pixels["pixel_values"].shape == (1, 3, 16, 16)
     from test_vlm import tokenizer
@@ -149,7 +149,6 @@ def test_the_transformers_seams_work_on_the_installed_version():
 
     tok = tokenizer(["a photo"], ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], "<bos>", "<eos>", "<pad>", False)
     processor.image_seq_length = 4
-    assert models.takes_suffix(
-        PaliGemmaProcessor(processor, tok)
-    )  # 5.23 on a parameter of its __call__, a kwarg before
+    # PaliGemma takes the answer as `suffix`: from 5.23 a parameter of its __call__, a text kwarg before
+    assert models.takes_suffix(PaliGemmaProcessor(processor, tok))
     assert not models.takes_suffix(LlavaProcessor(processor, tok, patch_size=8))

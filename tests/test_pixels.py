@@ -30,7 +30,6 @@ def towers(tmp_path_factory) -> dict[str, Path]:
     """Tiny random two-tower checkpoints with their image processors, as a hub download would be on disk: loading
     one must give its vision half."""
     from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
-    from transformers.models import clip
 
     base = tmp_path_factory.mktemp("towers")
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32)
@@ -38,13 +37,13 @@ def towers(tmp_path_factory) -> dict[str, Path]:
     made = {
         "clip": (
             CLIPModel(CLIPConfig(vision_config={**vision, "patch_size": 8}, text_config=text, projection_dim=16)),
-            getattr(clip, "CLIPImageProcessorPil", clip.CLIPImageProcessor)(
+            models.pil_image_processor("CLIPImageProcessor")(
                 size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
             ),
         ),
         "siglip": (
             SiglipModel(SiglipConfig(vision_config={**vision, "patch_size": 8}, text_config=text)),
-            models.siglip_pil_processor(32),
+            models.pil_image_processor("SiglipImageProcessor")(size={"height": 32, "width": 32}),
         ),
     }
     for name, (model, processor) in made.items():

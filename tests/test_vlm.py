@@ -78,14 +78,6 @@ def tokenizer(texts: list[str], specials: list[str], bos: str | None, eos: str, 
     return tok
 
 
-def pil_processor(name: str):
-    """The image processor class `name` that works on PIL images: `{name}Pil` where transformers has one (5.5 on),
-    `name` itself before (PIL only): the same numbers whether torchvision is installed or not."""
-    import transformers as hf
-
-    return getattr(hf, f"{name}Pil", None) or getattr(hf, name)
-
-
 def save_family(
     family: str, directory: Path, texts: list[str], lm: dict | None = None, vision: dict | None = None
 ) -> Path:
@@ -106,7 +98,7 @@ def save_family(
         lm, vision = {**LLAMA, **(lm or {})}, {**VISION, **(vision or {})}
         tok = tokenizer(texts, ["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>", True)
         side = vision["image_size"]
-        images = pil_processor("CLIPImageProcessor")(
+        images = models.pil_image_processor("CLIPImageProcessor")(
             size={"shortest_edge": side}, crop_size={"height": side, "width": side}
         )
         processor = hf.LlavaProcessor(
@@ -129,7 +121,9 @@ def save_family(
         tok = tokenizer(
             texts, [*specials, "<global-img>", *grid], "<|im_start|>", "<end_of_utterance>", "<|endoftext|>", False
         )
-        images = pil_processor("Idefics3ImageProcessor")(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+        images = models.pil_image_processor("Idefics3ImageProcessor")(
+            size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+        )
         processor = hf.Idefics3Processor(images, tok, image_seq_len=4)  # (32 / 8)^2 patches / scale_factor^2
         text = hf.LlamaConfig(
             vocab_size=len(tok), **LLAMA, **ids("<|im_start|>", "<end_of_utterance>", "<|endoftext|>")
@@ -142,7 +136,7 @@ def save_family(
     elif family == "blip2":
         tok = tokenizer(texts, ["<pad>", "</s>", "<unk>", "<image>"], "</s>", "</s>", "<pad>", True)
         processor = hf.Blip2Processor(
-            pil_processor("BlipImageProcessor")(size={"height": 32, "width": 32}), tok, num_query_tokens=4
+            models.pil_image_processor("BlipImageProcessor")(size={"height": 32, "width": 32}), tok, num_query_tokens=4
         )
         text = hf.OPTConfig(
             vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
@@ -160,7 +154,7 @@ def save_family(
         template = None
     elif family == "paligemma":
         tok = tokenizer(texts, ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], "<bos>", "<eos>", "<pad>", False)
-        images = models.siglip_pil_processor(32)
+        images = models.pil_image_processor("SiglipImageProcessor")(size={"height": 32, "width": 32})
         images.image_seq_length = 16  # (32 / 8)^2 patches
         processor = hf.PaliGemmaProcessor(images, tok)  # adds its <loc>/<seg> tokens
         text = hf.GemmaConfig(vocab_size=len(tok), head_dim=16, **LLAMA, **ids("<bos>", "<eos>", "<pad>"))
@@ -174,7 +168,7 @@ def save_family(
         tok = tokenizer(
             texts, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *pads], None, "<|im_end|>", "<|endoftext|>", False
         )
-        images = pil_processor("Qwen2VLImageProcessor")(
+        images = models.pil_image_processor("Qwen2VLImageProcessor")(
             size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=8
         )
         processor = hf.Qwen2VLProcessor(images, tok, hf.Qwen2VLVideoProcessor(size=images.size, patch_size=8))
@@ -322,7 +316,7 @@ def test_trains_evaluates_with_beam_search_and_resumes_exactly(roots, checkpoint
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trains_on_vqa_and_scores_its_answers(roots, checkpoint, family, tmp_path):
     """VQA from the embedded images through train.py: 3 finite losses, the val questions answered by beam search and
-    scored with the official accuracy (each prediction one of the generated strings the results file holds)."""
+    scored with the official accuracy, every prediction written to the results file."""
     run = tmp_path / "run"
     train.main([*argv("vqa", roots, checkpoint, family, "--max-steps", 3, "--report-metric"), "--output-dir", str(run)])
     assert len(losses(run)) == 3 and all(math.isfinite(v) for v in losses(run).values())
